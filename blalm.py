@@ -1,0 +1,645 @@
+"""
+BLaLM: a Transformer whose self-attention is replaced by an mLSTM token mixer, with lightweight
+enhancements (short causal convolutions, sliding-window attention with dynamic modulation, Hedgehog
+feature maps), and the softmax GPT-2 baseline it is compared against. Read top to bottom:
+
+1. the mLSTM in three forms that compute the same function (parallel, chunkwise, recurrent + step)
+2. layers: norms, the MLP, rotary positions, the mixers (softmax attention, mLSTM (+ conv, + SWA),
+   Hedgehog linear attention), the residual block
+3. BLaLMConfig and BLaLM: forward, generation from recurrent state, GPT-2 weight loading, FLOPs.
+
+References: Beck et al., "xLSTM: Extended Long Short-Term Memory" (2024) for the mLSTM; Haller, Golde,
+Akbik, "Sample-Efficient Language Modeling with Linear Attention and Lightweight Enhancements" (BabyLM
+2025) for the enhancements; Zhang et al., "The Hedgehog & the Porcupine" (ICLR 2024) for the feature maps.
+"""
+
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. The mLSTM, three ways
+#
+# Every form computes, for each head (q scaled by 1/sqrt(DQK)):
+#
+#   F[t,s] = sum_{r=s+1..t} log sigmoid(f_r)                  (s <= t)
+#   w[t,s] = (q_t . k_s) * exp(F[t,s] + i_s)                   (s <= t, else 0)
+#   h_t    = sum_s w[t,s] v_s / max(|sum_s w[t,s]|, 1)
+#
+# The exponential input gate makes exp(F + i) overflow quickly, so all forms work with weights
+# divided by exp(m_t), m_t the largest log-weight a row sees (the xLSTM stabiliser):
+#
+#   h_t = sum_s w'[t,s] v_s / (max(|sum_s w'[t,s]|, exp(-m_t)) + eps),   w' = w * exp(-m_t)
+#
+# which is the same h_t up to eps. The initial state (C, n, m) counts as one more "source" whose
+# log-weight is m decayed by every forget gate since the start, so a zero state with m = 0 enters
+# the maximum as sum_{r<=t} log sigmoid(f_r). With that convention the three forms compute the
+# same m_t and therefore the same h_t, eps included, which is what lets a test demand 1e-10.
+# m_t is a numerical device, not part of the model: its gradient is not propagated (it would only
+# carry the tiny eps term), in every form alike.
+# -----------------------------------------------------------------------------
+
+
+def _state_dtype(dtype):
+    """The state and all gate arithmetic are float32 at least (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def segsum(x):
+    """S[..., t, s] = x[..., s+1] + ... + x[..., t] for s <= t, -inf for s > t.
+
+    Built by a masked cumulative sum (not as cumsum[t] - cumsum[s]), so long runs of very negative
+    log forget gates do not cancel catastrophically."""
+    T = x.size(-1)
+    xx = x[..., :, None].expand(*x.shape, T)                                     # xx[r, s] = x_r
+    strictly_below = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)
+    xx = xx.masked_fill(~strictly_below, 0.0)                                    # keep r > s
+    S = torch.cumsum(xx, dim=-2)                                                 # S[t, s] = sum_{s<r<=t}
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return S.masked_fill(~causal, float("-inf"))
+
+
+def _zero_state(B, NH, DQK, DV, dtype, device):
+    return (torch.zeros(B, NH, DQK, DV, dtype=dtype, device=device),
+            torch.zeros(B, NH, DQK, dtype=dtype, device=device),
+            torch.zeros(B, NH, dtype=dtype, device=device))
+
+
+def mlstm_parallel(q, k, v, i, f, eps=1e-6):
+    """The quadratic form: the readable reference. O(T^2) memory.
+    q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i, f: (B, NH, T) gate pre-activations."""
+    in_dtype = v.dtype
+    dt = _state_dtype(q.dtype)
+    DQK = q.size(-1)
+    q, k, v = q.to(dt) / math.sqrt(DQK), k.to(dt), v.to(dt)
+    lf = F.logsigmoid(f.to(dt))                                       # (B, NH, T)
+    logD = segsum(lf) + i.to(dt)[..., None, :]                        # (B, NH, T, T): F[t,s] + i_s
+    m0 = torch.cumsum(lf, dim=-1)                                     # the zero initial state (m = 0), decayed
+    m = torch.maximum(m0, logD.amax(dim=-1)).detach()                 # (B, NH, T)
+    S = (q @ k.transpose(-2, -1)) * torch.exp(logD - m[..., None])    # w'[t, s]
+    n = torch.maximum(S.sum(dim=-1).abs(), torch.exp(-m)) + eps       # (B, NH, T)
+    h = (S @ v) / n[..., None]
+    return h.to(in_dtype)
+
+
+def mlstm_step(q, k, v, i, f, state=None, eps=1e-6):
+    """One time step of the recurrence (what generation uses).
+    q, k: (B, NH, DQK); v: (B, NH, DV); i, f: (B, NH); state (C, n, m) or None (zero state)."""
+    in_dtype = v.dtype
+    dt = _state_dtype(q.dtype)
+    B, NH, DQK = q.shape
+    if state is None:
+        state = _zero_state(B, NH, DQK, v.size(-1), dt, q.device)
+    C, n, m = state
+    q, k, v = q.to(dt) / math.sqrt(DQK), k.to(dt), v.to(dt)
+    lf, i = F.logsigmoid(f.to(dt)), i.to(dt)
+    m_new = torch.maximum(lf + m, i).detach()                        # m_t = max(log f_t + m_{t-1}, i_t)
+    fg = torch.exp(lf + m - m_new)                                   # stabilised forget gate
+    ig = torch.exp(i - m_new)                                        # stabilised input gate
+    C = fg[..., None, None] * C + ig[..., None, None] * (k[..., :, None] * v[..., None, :])
+    n = fg[..., None] * n + ig[..., None] * k
+    num = (q[..., None, :] @ C).squeeze(-2)                          # (B, NH, DV)
+    den = torch.maximum((q * n).sum(-1).abs(), torch.exp(-m_new)) + eps
+    h = num / den[..., None]
+    return h.to(in_dtype), (C, n, m_new)
+
+
+def mlstm_recurrent(q, k, v, i, f, state=None, return_state=False, eps=1e-6):
+    """The recurrent form: mlstm_step over t = 0..T-1. O(1) memory per step, slow in Python."""
+    hs = []
+    for t in range(q.size(2)):
+        h, state = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps)
+        hs.append(h)
+    h = torch.stack(hs, dim=2)
+    return (h, state) if return_state else h
+
+
+def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False, eps=1e-6):
+    """Parallel inside chunks of L = chunk_size tokens, recurrent across chunks. Memory O(T * L).
+
+    The states entering all chunks are computed at once, without a Python loop: each chunk c first
+    summarises its own tokens into a local state U_c (stabilised by its own maximum M_c); the state
+    at the end of chunk c is then the initial state plus every U_c' (c' <= c) decayed by the forget
+    gates in between -- a small parallel form over chunks with an (NC x NC) decay matrix.
+    """
+    in_dtype = v.dtype
+    dt = _state_dtype(q.dtype)
+    B, NH, T, DQK = q.shape
+    DV = v.size(-1)
+    L = chunk_size
+    NC = (T + L - 1) // L
+    pad = NC * L - T
+    q, k, v = q.to(dt) / math.sqrt(DQK), k.to(dt), v.to(dt)
+    lf, i = F.logsigmoid(f.to(dt)), i.to(dt)
+    if pad:  # padded steps forget nothing (log f = 0) and write nothing (i = -inf): the state passes through
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        lf = F.pad(lf, (0, pad), value=0.0)
+        i = F.pad(i, (0, pad), value=float("-inf"))
+    q, k, v = (x.view(B, NH, NC, L, -1) for x in (q, k, v))           # (B, NH, NC, L, D)
+    lf, i = lf.view(B, NH, NC, L), i.view(B, NH, NC, L)
+    if state is None:
+        state = _zero_state(B, NH, DQK, DV, dt, q.device)
+    C0, n0, m0 = (s.to(dt) for s in state)
+
+    # (a) each chunk's own tokens, summarised as a state at the chunk's end
+    b = torch.cumsum(lf, dim=-1)                                      # (B, NH, NC, L) log decay from chunk start
+    g = b[..., -1]                                                    # (B, NH, NC)    log decay over the chunk
+    a = g[..., None] - b + i                                          # log-weight of token s at its chunk's end
+    M = a.amax(dim=-1).detach()                                       # (B, NH, NC)
+    w = torch.exp(a - M[..., None])
+    U = torch.einsum("bhcl,bhcld,bhcle->bhcde", w, k, v)               # (B, NH, NC, DQK, DV)
+    u = torch.einsum("bhcl,bhcld->bhcd", w, k)                         # (B, NH, NC, DQK)
+
+    # (b) state at the end of every chunk: a parallel form over chunks
+    logW = segsum(g) + M[..., None, :]                                # (B, NH, NC, NC): chunk c' seen from c
+    G = torch.cumsum(g, dim=-1) + m0[..., None]                       # the initial state seen from c
+    m_end = torch.maximum(G, logW.amax(dim=-1)).detach()              # (B, NH, NC)
+    W = torch.exp(logW - m_end[..., None])
+    g0 = torch.exp(G - m_end)
+    C_end = g0[..., None, None] * C0[:, :, None] + torch.einsum("bhcx,bhxde->bhcde", W, U)
+    n_end = g0[..., None] * n0[:, :, None] + torch.einsum("bhcx,bhxd->bhcd", W, u)
+    # the state entering chunk c is the one that left chunk c-1 (the initial state for c = 0)
+    C_in = torch.cat([C0[:, :, None], C_end[:, :, :-1]], dim=2)
+    n_in = torch.cat([n0[:, :, None], n_end[:, :, :-1]], dim=2)
+    m_in = torch.cat([m0[:, :, None], m_end[:, :, :-1]], dim=2)
+
+    # (c) outputs: the parallel form inside each chunk plus the entering state
+    logD = segsum(lf) + i[..., None, :]                               # (B, NH, NC, L, L)
+    inter = b + m_in[..., None]                                       # log-weight of the entering state at t
+    m = torch.maximum(inter, logD.amax(dim=-1)).detach()              # (B, NH, NC, L)
+    S = (q @ k.transpose(-2, -1)) * torch.exp(logD - m[..., None])
+    inter = torch.exp(inter - m)
+    num = S @ v + inter[..., None] * (q @ C_in)
+    den = torch.maximum((S.sum(-1) + inter * (q @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
+    h = (num / den[..., None]).reshape(B, NH, NC * L, DV)[:, :, :T].to(in_dtype)
+    if return_state:
+        return h, (C_end[:, :, -1], n_end[:, :, -1], m_end[:, :, -1])
+    return h
+
+
+# -----------------------------------------------------------------------------
+# 2. Layers
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot switch the bias off alone)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+def rotary(x, pos, base=10000.0):
+    """Rotary position embedding on (B, NH, T, D) at absolute positions pos (T,); rotate-half layout."""
+    D = x.size(-1)
+    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]                  # (T, D/2)
+    cos, sin = ang.cos().repeat(1, 2).to(x.dtype), ang.sin().repeat(1, 2).to(x.dtype)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def sliding_window_attention(q, k, v, window):
+    """Causal softmax attention where query t sees keys t-window+1..t. Memory O(T * window).
+
+    The sequence is cut into blocks of `window` queries; each block attends to its own keys and the
+    previous block's (2 * window keys) under a banded mask, so no (T x T) matrix is ever built."""
+    B, NH, T, D = q.shape
+    W = window
+    NB = (T + W - 1) // W
+    pad = NB * W - T
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    qb = q.view(B, NH, NB, W, D)
+    kb, vb = k.view(B, NH, NB, W, D), v.view(B, NH, NB, W, D)
+    prev = lambda x: F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1]            # the block before (zeros for the first)
+    k2, v2 = torch.cat([prev(kb), kb], dim=3), torch.cat([prev(vb), vb], dim=3)  # (B, NH, NB, 2W, D)
+    a = torch.arange(W, device=q.device)[:, None]                       # query offset in its block
+    j = torch.arange(2 * W, device=q.device)[None, :]                   # key offset in the 2W keys
+    band = (j > a) & (j <= a + W)                                       # 0 <= t - s < W
+    first = band & (j >= W)                                             # block 0 has no previous block
+    mask = torch.stack([first] + [band] * (NB - 1))[None, None]         # (1, 1, NB, W, 2W)
+    y = F.scaled_dot_product_attention(qb, k2, v2, attn_mask=mask)
+    return y.reshape(B, NH, NB * W, D)[:, :, :T]
+
+
+def _heads(x, n_head):
+    """(B, T, C) -> (B, NH, T, C/NH)."""
+    B, T, C = x.shape
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def _merge(y):
+    """(B, NH, T, D) -> (B, T, NH*D)."""
+    B, NH, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, NH * D)
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2's attention (fused c_attn, biases), through scaled_dot_product_attention (flash on GPU)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def qkv(self, x):
+        return [_heads(t, self.n_head) for t in self.c_attn(x).split(x.size(-1), dim=2)]
+
+    def forward(self, x, cache=None):
+        q, k, v = self.qkv(x)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # key/value cache: grows with the context
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            T, S = q.size(2), k.size(2)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(_merge(y))
+
+
+class HedgehogAttention(CausalSelfAttention):
+    """GPT-2's attention with softmax replaced by causal linear attention over Hedgehog feature maps
+    (hedgehog.py). Same c_attn/c_proj as the softmax layer, so a trained softmax model converts by
+    loading its weights and learning only fmap_q/fmap_k first (attention distillation)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        from hedgehog import HedgehogFeatureMap  # hedgehog.py imports this file: import late
+        D = config.n_embd // config.n_head
+        self.fmap_q = HedgehogFeatureMap(D, config.n_head)
+        self.fmap_k = HedgehogFeatureMap(D, config.n_head)
+        self.chunk_size = config.chunk_size
+
+    def forward(self, x, cache=None):
+        from hedgehog import linear_attention_chunkwise, linear_attention_step
+        q, k, v = self.qkv(x)
+        q, k = self.fmap_q(q), self.fmap_k(k)
+        if cache is None:
+            y = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size)
+        elif x.size(1) == 1:
+            y, cache["state"] = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.get("state"))
+            y = y[:, :, None]
+        else:
+            y, cache["state"] = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size,
+                                                           state=cache.get("state"), return_state=True)
+        return self.c_proj(_merge(y))
+
+
+class MLSTMLayer(nn.Module):
+    """The mLSTM token mixer with BLaLM's lightweight enhancements.
+
+    x -> q, k, v (+ short causal depthwise convolution) -> mLSTM(q, k, v, i, f) -> per-head norm
+      (+ sliding-window softmax attention on the same q, k, v with rotary positions)
+      -> output gate -> projection.
+
+    Dynamic modulation -- our reading of the BLaLM paper: the SWA branch's output is scaled by a
+    data-dependent gate g = sigmoid(W_g x) (one scalar per head and token, computed from the layer
+    input) before it is added to the mLSTM output, so each token decides how much local, exact
+    softmax attention to mix into the global linear-attention memory: y = h_mlstm + g * y_swa.
+    With modulation off the two branches are averaged: y = (h_mlstm + y_swa) / 2.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C, NH = config.n_embd, config.n_head
+        self.n_head, self.D = NH, C // NH
+        self.chunk_size, self.form = config.chunk_size, config.mlstm_form
+        self.q_proj = nn.Linear(C, C, bias=False)
+        self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.K = config.short_conv
+        if self.K:  # depthwise over the 3C channels of q, k, v; causal by left padding
+            self.conv = nn.Conv1d(3 * C, 3 * C, self.K, groups=3 * C, bias=True)
+        self.i_gate = nn.Linear(C, NH, bias=True)
+        self.f_gate = nn.Linear(C, NH, bias=True)
+        self.softcap = config.gate_softcap
+        self.norm_weight = nn.Parameter(torch.ones(C))                # per-head norm's scale
+        self.o_gate = nn.Linear(C, C, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+        self.window = config.swa_window
+        if self.window and config.modulation:
+            self.mod_gate = nn.Linear(C, NH, bias=True)
+        self.modulation = config.modulation
+        if config.feature_map == "hedgehog":
+            from hedgehog import HedgehogFeatureMap
+            self.fmap_q, self.fmap_k = HedgehogFeatureMap(self.D, NH), HedgehogFeatureMap(self.D, NH)
+        self.feature_map = config.feature_map
+        self.init_gates()
+
+    @torch.no_grad()
+    def init_gates(self):
+        """Forget-gate biases from 3 to 6 across heads (sigma = 0.95..0.998): early in training the
+        memory remembers over tens to hundreds of tokens instead of forgetting at once."""
+        self.f_gate.bias.copy_(torch.linspace(3.0, 6.0, self.n_head))
+        self.i_gate.bias.zero_()
+
+    def _cap(self, x):
+        return self.softcap * torch.tanh(x / self.softcap) if self.softcap else x
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)   # (B, T, 3C)
+        if self.K:
+            u = qkv.transpose(1, 2)                                                  # (B, 3C, T)
+            past = cache.get("conv") if cache is not None else None
+            if past is None:
+                past = u.new_zeros(B, 3 * C, self.K - 1)
+            u = torch.cat([past, u], dim=2)
+            if cache is not None:
+                cache["conv"] = u[:, :, -(self.K - 1):] if self.K > 1 else u[:, :, :0]
+            qkv = self.conv(u).transpose(1, 2)
+        q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
+        i = self._cap(self.i_gate(x)).transpose(1, 2)                               # (B, NH, T)
+        f = self._cap(self.f_gate(x)).transpose(1, 2)
+        qm, km = (self.fmap_q(q), self.fmap_k(k)) if self.feature_map == "hedgehog" else (q, k)
+
+        state = cache.get("mlstm") if cache is not None else None
+        if cache is not None and T == 1:
+            h, state = mlstm_step(qm[:, :, 0], km[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
+            h = h[:, :, None]
+        elif cache is not None or self.form != "parallel":
+            fn = mlstm_recurrent if self.form == "recurrent" else mlstm_chunkwise
+            kw = {} if self.form == "recurrent" else {"chunk_size": self.chunk_size}
+            h, state = fn(qm, km, v, i, f, state=state, return_state=True, **kw)
+        else:
+            h = mlstm_parallel(qm, km, v, i, f)
+        if cache is not None:
+            cache["mlstm"] = state
+        h = F.layer_norm(h.float(), (self.D,)).to(x.dtype)                          # per-head norm
+
+        if self.window:
+            pos0 = cache.get("pos", 0) if cache is not None else 0
+            pos = torch.arange(pos0, pos0 + T, device=x.device)
+            qr, kr = rotary(q, pos), rotary(k, pos)
+            if cache is None:
+                y = sliding_window_attention(qr, kr, v, self.window)
+            else:  # keep the last window-1 keys/values: memory does not grow with the context
+                if "k" in cache:
+                    kr, vv = torch.cat([cache["k"], kr], 2), torch.cat([cache["v"], v], 2)
+                else:
+                    vv = v
+                S = kr.size(2)
+                t = torch.arange(S - T, S, device=x.device)[:, None]
+                s = torch.arange(S, device=x.device)[None, :]
+                mask = (s <= t) & (t - s < self.window)
+                y = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask)
+                cache["k"], cache["v"] = kr[:, :, -(self.window - 1):], vv[:, :, -(self.window - 1):]
+                cache["pos"] = pos0 + T
+            if self.modulation:
+                g = torch.sigmoid(self.mod_gate(x)).transpose(1, 2)[..., None]      # (B, NH, T, 1)
+                h = h + g * y
+            else:
+                h = 0.5 * (h + y)
+        y = _merge(h) * self.norm_weight * torch.sigmoid(self.o_gate(x))
+        return self.c_proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mixer = {"attn": CausalSelfAttention, "mlstm": MLSTMLayer,
+                      "hedgehog": HedgehogAttention}[config.mixer](config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.mixer(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# 3. The model
+
+MIXERS = ("mlstm", "attn", "hedgehog")
+FEATURE_MAPS = ("none", "hedgehog")
+MLSTM_FORMS = ("chunkwise", "parallel", "recurrent")
+
+
+@dataclass
+class BLaLMConfig:
+    vocab_size: int = 16384
+    block_size: int = 512          # longest training context (size of the learned positions of "attn")
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 256
+    mixer: str = "mlstm"           # "mlstm" | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
+    mlstm_form: str = "chunkwise"  # which mLSTM form forward uses: "chunkwise" | "parallel" | "recurrent"
+    chunk_size: int = 64
+    short_conv: int = 4            # kernel size of the causal depthwise conv on q, k, v (0 = off)
+    swa_window: int = 128          # sliding-window attention branch beside the mLSTM (0 = off)
+    modulation: bool = True        # dynamic modulation of the SWA branch (else the branches are averaged)
+    feature_map: str = "none"      # feature map on the mLSTM's q, k: "none" | "hedgehog"
+    gate_softcap: float = 15.0     # gate pre-activations -> cap * tanh(x / cap) (0 = off)
+    bias: bool = False             # biases in Linear layers and LayerNorms (GPT-2: True)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name, value, allowed in (("mixer", self.mixer, MIXERS), ("feature_map", self.feature_map, FEATURE_MAPS),
+                                     ("mlstm_form", self.mlstm_form, MLSTM_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("short_conv", "swa_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown BLaLMConfig keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class BLaLM(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.learned_pos = config.mixer in ("attn", "hedgehog")  # GPT-2 layout; the mLSTM needs no positions
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if self.learned_pos:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, MLSTMLayer):
+            module.init_gates()  # apply() visits children first, so this runs after the gates' generic init
+
+    def _check_idx(self, idx):
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"idx must be an integer tensor of token ids, got {type(idx).__name__} "
+                             f"{getattr(idx, 'dtype', '')}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T), got rank {idx.dim()} shape {tuple(idx.shape)}")
+        if idx.size(1) == 0:
+            raise ValueError("idx has T = 0 tokens; need at least one")
+        if torch.compiler.is_compiling():  # no data-dependent check inside a compiled graph
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside [0, vocab_size={self.config.vocab_size})")
+
+    def new_cache(self):
+        """Decoding state: per layer the mLSTM (C, n, m), the conv's last inputs, the SWA's last keys
+        and values (or, for "attn", the whole key/value cache); plus the position."""
+        return {"pos": 0, "layers": [{} for _ in self.transformer.h]}
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); loss when targets (B, T) are given (-1 = ignore).
+        With a cache (from new_cache) the tokens continue the sequence the cache has seen."""
+        self._check_idx(idx)
+        B, T = idx.shape
+        pos0 = cache["pos"] if cache is not None else 0
+        x = self.transformer.wte(idx)
+        if self.learned_pos:
+            if pos0 + T > self.config.block_size:
+                raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size="
+                                 f"{self.config.block_size}, the learned positions of mixer={self.config.mixer!r}")
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
+        x = self.transformer.drop(x)
+        for l, block in enumerate(self.transformer.h):
+            x = block(x, cache["layers"][l] if cache is not None else None)
+        if cache is not None:
+            cache["pos"] = pos0 + T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Read the prompt once, then decode one token at a time from the recurrent state
+        (temperature 0 = greedy). For "mlstm" models the state has a fixed size: memory per token
+        does not grow with the context."""
+        cache = self.new_cache()
+        logits, _ = self(idx, cache=cache)
+        for n in range(max_new_tokens):
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, idx_next], dim=1)
+            if n + 1 < max_new_tokens:
+                logits, _ = self(idx_next, cache=cache)
+        return idx
+
+    def num_params(self, non_embedding=True):
+        """Parameters (the tied lm_head counted once); non_embedding leaves out wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if self.learned_pos:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token (forward + backward = 3 x forward): 6 per weight of every matrix
+        multiply (the lm_head included) plus the token mixer's own work at context T. Counts useful
+        work: causal attention sees T/2 keys on average; the chunkwise mLSTM does an L x L block per
+        chunk plus state updates; SWA sees `window` keys."""
+        c = self.config
+        T = T or c.block_size
+        NH, D, L = c.n_head, c.n_embd // c.n_head, c.n_layer
+        N = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
+        if c.mixer == "attn":
+            mix = 2 * 2 * NH * D * (T / 2)                                  # q k^T and a v over T/2 keys
+        else:
+            DQK = 2 * D if (c.feature_map == "hedgehog" or c.mixer == "hedgehog") else D
+            Lc = c.chunk_size
+            mix = NH * (2 * Lc / 2 * (DQK + D)                             # intra-chunk, causal half
+                        + 2 * 2 * DQK * D                                  # state write and read
+                        + 2 * (T / Lc) / 2 * DQK * D / Lc)                  # the chunk-level parallel form
+            if c.mixer == "mlstm" and c.swa_window:
+                mix += 2 * 2 * NH * D * min(c.swa_window, T)
+        return 6 * N + 3 * L * mix
+
+    @classmethod
+    def from_gpt2_state_dict(cls, sd, n_head=None, mixer="attn", **overrides):
+        """Build a GPT-2-layout model ("attn", or "hedgehog" with fresh feature maps) from a Hugging Face
+        GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys). HF stores c_attn, c_proj and c_fc as
+        Conv1D, whose weight is the transpose of an nn.Linear's."""
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        for key in ("wte.weight", "wpe.weight", "ln_f.weight"):
+            if key not in sd:
+                raise ValueError(f"not a GPT-2 state dict: key {key!r} missing (have e.g. {sorted(sd)[:5]})")
+        V, C = sd["wte.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+        config = BLaLMConfig(vocab_size=V, block_size=sd["wpe.weight"].size(0), n_layer=n_layer,
+                             n_head=n_head or C // 64, n_embd=C, mixer=mixer, bias=True, **overrides)
+        model = cls(config)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = {}
+        for k, v in sd.items():
+            if k == "lm_head.weight":
+                continue  # tied to wte
+            if k.startswith("h."):
+                if k.endswith(conv1d):
+                    v = v.t()
+                k = k.replace(".attn.", ".mixer.")
+            ours["transformer." + k] = v
+        ours["lm_head.weight"] = ours["transformer.wte.weight"]
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        missing = [k for k in missing if ".fmap_" not in k]   # a "hedgehog" model keeps its fresh maps
+        if missing or unexpected:
+            raise ValueError(f"GPT-2 state dict does not fit: missing {missing}, unexpected {unexpected}")
+        return model
