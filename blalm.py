@@ -124,15 +124,18 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     summarises its own tokens into a local state U_c (stabilised by its own maximum M_c); the state
     at the end of chunk c is then the initial state plus every U_c' (c' <= c) decayed by the forget
     gates in between -- a small parallel form over chunks with an (NC x NC) decay matrix.
+
+    The four per-chunk matrix products run in the input dtype (bfloat16 inputs use the tensor cores, as
+    flash attention does); gates, stabilisers, sums and the state are float32 (float64 stays float64).
     """
-    in_dtype = v.dtype
+    in_dtype = mm = v.dtype
     dt = _state_dtype(q.dtype)
     B, NH, T, DQK = q.shape
     DV = v.size(-1)
     L = chunk_size
     NC = (T + L - 1) // L
     pad = NC * L - T
-    q, k, v = q.to(dt) / math.sqrt(DQK), k.to(dt), v.to(dt)
+    q = q * (1.0 / math.sqrt(DQK))
     lf, i = F.logsigmoid(f.to(dt)), i.to(dt)
     if pad:  # padded steps forget nothing (log f = 0) and write nothing (i = -inf): the state passes through
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -149,9 +152,9 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     g = b[..., -1]                                                    # (B, NH, NC)    log decay over the chunk
     a = g[..., None] - b + i                                          # log-weight of token s at its chunk's end
     M = a.amax(dim=-1).detach()                                       # (B, NH, NC)
-    w = torch.exp(a - M[..., None])
-    U = torch.einsum("bhcl,bhcld,bhcle->bhcde", w, k, v)               # (B, NH, NC, DQK, DV)
-    u = torch.einsum("bhcl,bhcld->bhcd", w, k)                         # (B, NH, NC, DQK)
+    w = torch.exp(a - M[..., None])[..., None]                        # (B, NH, NC, L, 1)
+    U = ((k * w.to(mm)).transpose(-2, -1) @ v).to(dt)                 # (B, NH, NC, DQK, DV): sum_s w_s k_s v_s^T
+    u = (k.to(dt) * w).sum(dim=-2)                                    # (B, NH, NC, DQK):     sum_s w_s k_s
 
     # (b) state at the end of every chunk: a parallel form over chunks
     logW = segsum(g) + M[..., None, :]                                # (B, NH, NC, NC): chunk c' seen from c
@@ -170,10 +173,10 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     logD = segsum(lf) + i[..., None, :]                               # (B, NH, NC, L, L)
     inter = b + m_in[..., None]                                       # log-weight of the entering state at t
     m = torch.maximum(inter, logD.amax(dim=-1)).detach()              # (B, NH, NC, L)
-    S = (q @ k.transpose(-2, -1)) * torch.exp(logD - m[..., None])
+    S = (q @ k.transpose(-2, -1)).to(dt) * torch.exp(logD - m[..., None])
     inter = torch.exp(inter - m)
-    num = S @ v + inter[..., None] * (q @ C_in)
-    den = torch.maximum((S.sum(-1) + inter * (q @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
+    num = (S.to(mm) @ v).to(dt) + inter[..., None] * (q @ C_in.to(mm)).to(dt)
+    den = torch.maximum((S.sum(-1) + inter * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
     h = (num / den[..., None]).reshape(B, NH, NC * L, DV)[:, :, :T].to(in_dtype)
     if return_state:
         return h, (C_end[:, :, -1], n_end[:, :, -1], m_end[:, :, -1])
@@ -332,7 +335,7 @@ class MLSTMLayer(nn.Module):
         self.k_proj = nn.Linear(C, C, bias=False)
         self.v_proj = nn.Linear(C, C, bias=False)
         self.K = config.short_conv
-        if self.K:  # depthwise over the 3C channels of q, k, v; causal by left padding
+        if self.K:  # depthwise over the 3C channels of q, k, v (nn.Conv1d's parameters; applied by hand below)
             self.conv = nn.Conv1d(3 * C, 3 * C, self.K, groups=3 * C, bias=True)
         self.i_gate = nn.Linear(C, NH, bias=True)
         self.f_gate = nn.Linear(C, NH, bias=True)
@@ -363,15 +366,15 @@ class MLSTMLayer(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)   # (B, T, 3C)
-        if self.K:
-            u = qkv.transpose(1, 2)                                                  # (B, 3C, T)
-            past = cache.get("conv") if cache is not None else None
+        if self.K:  # causal depthwise conv: y_t = bias + sum_j w_j x_{t-K+1+j}, as K shifted multiply-adds
+            past = cache.get("conv") if cache is not None else None               # the last K-1 inputs
             if past is None:
-                past = u.new_zeros(B, 3 * C, self.K - 1)
-            u = torch.cat([past, u], dim=2)
+                past = qkv.new_zeros(B, self.K - 1, 3 * C)
+            u = torch.cat([past, qkv], dim=1)                                        # (B, K-1+T, 3C)
             if cache is not None:
-                cache["conv"] = u[:, :, -(self.K - 1):] if self.K > 1 else u[:, :, :0]
-            qkv = self.conv(u).transpose(1, 2)
+                cache["conv"] = u[:, u.size(1) - (self.K - 1):]
+            w = self.conv.weight[:, 0, :].to(qkv.dtype)                              # (3C, K)
+            qkv = self.conv.bias.to(qkv.dtype) + sum(u[:, j:j + T] * w[:, j] for j in range(self.K))
         q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
         i = self._cap(self.i_gate(x)).transpose(1, 2)                               # (B, NH, T)
         f = self._cap(self.f_gate(x)).transpose(1, 2)
@@ -581,6 +584,13 @@ class BLaLM(nn.Module):
             if n + 1 < max_new_tokens:
                 logits, _ = self(idx_next, cache=cache)
         return idx
+
+    def compile_blocks(self, **kwargs):
+        """torch.compile each residual block ("regional compilation"): the blocks have the same code and
+        shapes, so they share one compiled graph and compile time does not grow with depth."""
+        for block in self.transformer.h:
+            block.compile(**kwargs)
+        return self
 
     def num_params(self, non_embedding=True):
         """Parameters (the tied lm_head counted once); non_embedding leaves out wte and wpe."""

@@ -48,34 +48,42 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     bfloat16's 8-bit mantissa (2-3 digits) moves the singular values by 0.01 to 0.1; tensor cores run
     bfloat16 at full speed. On a CPU bfloat16 matmuls are about 20x slower than float32 ones, so `Muon` uses
     float32 there (pass dtype explicitly to choose). Returns X in `dtype`, the shape of G.
+
+    G may also be a stack (N, rows, cols) of same-shape matrices, each orthogonalised on its own in one
+    batched product: a model's dozens of equal-shape matrices then cost a few kernel launches, not hundreds.
     """
-    if G.ndim != 2:
+    if G.ndim < 2:
         raise ValueError(f"Newton-Schulz orthogonalises a matrix, got a tensor of shape {tuple(G.shape)}")
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
-    if G.size(0) > G.size(1):
-        X = X.T
-    X = X / X.norm().clamp(min=eps)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mul_add = torch.addmm if X.ndim == 2 else torch.baddbmm  # one matrix, or a stack of same-shape matrices
     for _ in range(steps):
-        A = X @ X.T
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.addmm(X, B, X, beta=a)  # a X + b (X X^T) X + c (X X^T)^2 X
-    if G.size(0) > G.size(1):
-        X = X.T
+        A = X @ X.mT
+        B = mul_add(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = mul_add(X, B, X, beta=a)  # a X + b (X X^T) X + c (X X^T)^2 X
+    if tall:
+        X = X.mT
     return X
 
 
-def muon_update(p, g, buf, lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, ns_dtype=torch.bfloat16):
-    """One Muon step for a (rows, cols) parameter p with gradient g and momentum buffer buf; changes p and buf."""
-    buf.lerp_(g, 1 - momentum)  # b = momentum b + (1 - momentum) g
-    u = g.lerp(buf, momentum) if nesterov else buf  # Nesterov: (1 - momentum) g + momentum b, a step ahead
-    o = zeropower_via_newtonschulz5(u, ns_steps, dtype=ns_dtype)
+def muon_update(params, grads, bufs, lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
+                ns_dtype=torch.bfloat16):
+    """One Muon step for a list of same-shape (rows, cols) parameters with their gradients and momentum
+    buffers; changes params and bufs. The list is orthogonalised as one stack (see above)."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)  # b = momentum b + (1 - momentum) g
+    us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs  # Nesterov: a step ahead
+    o = zeropower_via_newtonschulz5(torch.stack(us) if len(us) > 1 else us[0], ns_steps, dtype=ns_dtype)
+    o = list(o.to(params[0].dtype).unbind(0)) if len(us) > 1 else [o.to(params[0].dtype)]
     # o has singular values ~1: a square or wide o keeps the RMS of a typical input, but a tall one (rows > cols,
     # an isometry) maps it to an output whose RMS is sqrt(cols/rows) smaller; sqrt(rows/cols) evens that out.
     # This is Keller Jordan's scale, torch.optim.Muon's with adjust_lr_fn=None.
-    rows, cols = p.shape
-    p.mul_(1 - lr * weight_decay)  # decoupled weight decay, as in AdamW
-    p.add_(o, alpha=-lr * math.sqrt(max(1, rows / cols)))
+    rows, cols = params[0].shape
+    torch._foreach_mul_(params, 1 - lr * weight_decay)  # decoupled weight decay, as in AdamW
+    torch._foreach_add_(params, o, alpha=-lr * math.sqrt(max(1, rows / cols)))
 
 
 class Muon(torch.optim.Optimizer):
@@ -108,17 +116,18 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            buckets = {}  # same shape, dtype and device: orthogonalised together
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                ns_dtype = group["ns_dtype"]
-                if ns_dtype is None:
-                    ns_dtype = torch.bfloat16 if p.is_cuda else torch.float32
-                muon_update(p, p.grad, state["momentum_buffer"], group["lr"], group["momentum"], group["nesterov"],
-                            group["ns_steps"], group["weight_decay"], ns_dtype)
+                if p.grad is not None:
+                    buckets.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for (shape, dtype, device), params in buckets.items():
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                ns_dtype = group["ns_dtype"] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+                muon_update(params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params],
+                            group["lr"], group["momentum"], group["nesterov"], group["ns_steps"],
+                            group["weight_decay"], ns_dtype)
         return loss
 
 

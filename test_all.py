@@ -145,14 +145,18 @@ def test_mlstm_forms_stay_finite_for_extreme_gates_long_sequences():
 
 
 def test_mlstm_bfloat16_inputs_keep_a_float32_state():
-    q, k, v, i, f = [x.detach().to(torch.bfloat16) for x in random_mlstm_inputs(T=20, dtype=torch.float32)]
-    for fn in (lambda **kw: mlstm_chunkwise(q, k, v, i, f, chunk_size=8, **kw),
+    q, k, v, i, f = [x.detach().to(torch.bfloat16)
+                     for x in random_mlstm_inputs(B=2, NH=2, T=64, DQK=64, DV=64, dtype=torch.float32)]
+    for fn in (lambda **kw: mlstm_chunkwise(q, k, v, i, f, chunk_size=16, **kw),
                lambda **kw: mlstm_recurrent(q, k, v, i, f, **kw)):
         h, (C, n, m) = fn(return_state=True)
         assert h.dtype == torch.bfloat16
         assert C.dtype == n.dtype == m.dtype == torch.float32
+    # chunkwise runs its matrix products in bfloat16 (gates and state in float32): 1.3e-2 here on the CPU,
+    # 3.6e-3 measured on an H200 at 12 heads x 64, against 1.7e-3 for rounding the output alone
     ref = mlstm_parallel(*(x.double() for x in (q, k, v, i, f)))
-    assert rel_err(mlstm_chunkwise(q, k, v, i, f, chunk_size=8), ref) < 2e-2
+    assert rel_err(mlstm_recurrent(q, k, v, i, f), ref) < 5e-3
+    assert rel_err(mlstm_chunkwise(q, k, v, i, f, chunk_size=16), ref) < 2e-2
 
 
 # =============================================================================
@@ -1076,8 +1080,34 @@ def test_muon_rejects_non_matrix_parameter_naming_shape_and_configure_optimizers
     for shape in [(3, 4, 5), (7,), ()]:
         with pytest.raises(ValueError, match=rf"{re.escape(str(shape))}.*configure_optimizers"):
             Muon([nn.Parameter(torch.zeros(shape))])
-    with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
-        zeropower_via_newtonschulz5(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"\(7,\)"):
+        zeropower_via_newtonschulz5(torch.zeros(7))
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+def test_newton_schulz_on_a_stack_equals_each_matrix_alone(shape):
+    G = torch.randn(5, *shape, dtype=torch.float64)
+    stacked = zeropower_via_newtonschulz5(G, dtype=torch.float64)
+    for n in range(5):
+        alone = zeropower_via_newtonschulz5(G[n], dtype=torch.float64)
+        assert torch.allclose(stacked[n], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_muon_step_on_same_shape_parameters_equals_separate_optimizers():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 9, dtype=torch.float64)) for _ in range(3)]
+    alone = [nn.Parameter(p.detach().clone()) for p in params]
+    together = Muon(params, lr=0.05, weight_decay=0.1, ns_dtype=torch.float64)
+    separate = [Muon([p], lr=0.05, weight_decay=0.1, ns_dtype=torch.float64) for p in alone]
+    for _ in range(3):
+        grads = [torch.randn(6, 9, dtype=torch.float64) for _ in params]
+        for p, q, g in zip(params, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        together.step()
+        for opt in separate:
+            opt.step()
+    for p, q in zip(params, alone):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
 
 
 # --- Newton-Schulz ----------------------------------------------------------------------------------------------

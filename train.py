@@ -377,7 +377,7 @@ def main(argv):
               f"{c.n_layer} layers x {c.n_embd}, device {c.device} {c.dtype}")
     raw_model = model
     if c.compile:
-        model = torch.compile(model)
+        model.compile_blocks()
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
                                                           if device_type == "cuda" else None)
