@@ -279,6 +279,9 @@ def plot_runs(run_dirs, out_path):
             ax.plot(*zip(*train), color=color, alpha=0.35, lw=1)
         if val:
             ax.plot(*zip(*val), color=color, marker="o", ms=3, lw=1.5, label=f"{name} (val)")
+    lows = [float(l.get_ydata()[1]) for l in ax.get_lines() if len(l.get_ydata()) > 2]
+    if lows:  # zoom past the first evaluation (the loss at initialisation dwarfs the rest)
+        ax.set_ylim(top=max(lows) + 0.2)
     ax.set_xlabel("words seen")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("train (faint) and validation loss")
@@ -391,14 +394,14 @@ def main(argv):
     peak = device_peak_flops(c.device)
 
     @torch.no_grad()
-    def evaluate_now():
+    def evaluate_now():  # rank 0 only, on the unwrapped model (DDP's forward would wait for the other ranks)
         model.eval()
         g = torch.Generator().manual_seed(1234)  # the same validation windows every time
         losses = []
         for _ in range(c.eval_iters):
             x, y = data.get_batch(val_data, c.batch_size, c.block_size, g, c.device)
             with autocast:
-                losses.append(model(x, y)[1].item())
+                losses.append(raw_model(x, y)[1].item())
         result = {"val_loss": sum(losses) / len(losses)}
         if pairs is not None:
             scores = evaluate.score_pairs(raw_model, enc, pairs, c.device, batch_size=64,
