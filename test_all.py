@@ -2267,3 +2267,20 @@ def test_builtin_pairs_in_process_end_with_macro_average(ckpt_path, capsys):
     assert set(res["paradigms"]) == {r["UID"] for r in records} and set(res["n_pairs"].values()) == {2}
     assert set(res["fields"]) == {r["field"] for r in records}
     assert capsys.readouterr().out.splitlines()[-1] == f"macro-average: {res['macro_average']:.2f}"
+
+
+# =============================================================================
+# bench.py
+
+
+def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu(tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    results = bench.main(["--suite=all", "--repeat=1", f"--json={out}", "--device=cpu"])
+    saved = json.loads(out.read_text())
+    assert saved["device"].startswith("cpu") and set(results) >= {"kernels", "optim", "decode"}
+    assert all(r["ms"] > 0 for r in saved["kernels"] if r.get("ms") is not None)
+    assert {r["model"] for r in saved["optim"]} == {"blalm", "softmax"}
+    assert all(r["muon_step_ms"] > 0 and r["tok_s"] > 0 for r in saved["optim"])
+    with pytest.raises(ValueError, match="--suite='fast'"):
+        bench.main(["--suite=fast"])
