@@ -44,7 +44,7 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict, namedtuple
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from heapq import heapify, heappop, heappush
 from itertools import chain
@@ -991,7 +991,7 @@ def words_per_token(meta, split="train"):
 
 def _report(meta, stats, quota, weights, ignored, excluded, synthetic):
     s = meta["settings"]
-    lines = [f"# Data report\n", f"source: `{meta['source']}`  \nsettings: " +
+    lines = ["# Data report\n", f"source: `{meta['source']}`  \nsettings: " +
              ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("source", "out_dir", "verbose")) + "\n"]
     if synthetic:
         lines.append("This is the built-in **synthetic teaching corpus**: child-directed English from a small "
@@ -1341,42 +1341,13 @@ class DataConfig:
     pairs_per_phenomenon: int = 1000  # synthetic minimal pairs per phenomenon
 
 
-def _parse_value(name, text, typ):
-    try:
-        if typ is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            value = float(text.replace("_", ""))  # 10_000_000 and 1e7 both work
-            if value != int(value):
-                raise ValueError
-            return int(value)
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name}={text}: expected a {typ.__name__}") from None
-
-
 def parse_args(argv):
-    """--key=value overrides of DataConfig; unknown keys are an error that lists the valid ones."""
-    cfg, types = DataConfig(), {f.name: f.type for f in fields(DataConfig)}
-    for arg in argv:
-        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq or key not in types:
-            raise ValueError(f"unknown argument {arg!r}; valid: " + " ".join(f"--{k}=" for k in types))
-        setattr(cfg, key, _parse_value(key, text, types[key]))
-    return cfg
+    """--key=value overrides of DataConfig (train.py's parser: unknown keys are an error listing the valid ones)."""
+    from train import parse_args as parse
+    return parse(argv, DataConfig, doc=__doc__)
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        import inspect
-
-        print(__doc__)
-        print(inspect.getsource(DataConfig))
-        return
     try:
         cfg = parse_args(argv)
     except ValueError as e:
@@ -1388,4 +1359,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -13,16 +13,17 @@ end-of-text token prepended so that the first word is scored too. Accuracies are
 last line printed is `macro-average: X`, the mean accuracy over all paradigms evaluated.
 """
 
-import inspect
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from train import parse_args
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
 BUILTIN_SEED = 1234
@@ -39,30 +40,6 @@ class EvalConfig:
     batch_size: int = 64     # sentences per forward pass (windows of block_size for --text: batch_size // 8)
     device: str = "auto"     # "auto" = cuda when present, else cpu
     json: str = ""           # also write the results to this file
-
-
-def parse_config(cls, argv):
-    """--key=value overrides of a config dataclass; --help prints the module docstring and the keys."""
-    cfg, known = cls(), {f.name: f for f in fields(cls)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(sys.modules[cls.__module__].__doc__)
-            print(inspect.getsource(cls))  # the keys with their defaults and comments
-            sys.exit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in known:
-            raise ValueError(f"bad argument {arg!r}: expected --key=value with key one of {sorted(known)}")
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{key}={value!r}: expected true or false")
-            setattr(cfg, key, value.lower() in ("true", "1"))
-        else:
-            try:
-                setattr(cfg, key, kind(value))
-            except ValueError:
-                raise ValueError(f"--{key}={value!r}: expected a {kind.__name__}") from None
-    return cfg
 
 
 def pick_device(device):
@@ -240,7 +217,7 @@ def perplexity(model, enc, text, device=None, batch_size=8):
 
 
 def main(argv):
-    cfg = parse_config(EvalConfig, argv)
+    cfg = parse_args(argv, EvalConfig, doc=__doc__)
     if not cfg.ckpt:
         raise ValueError("--ckpt=PATH is required (a checkpoint written by train.py)")
     if cfg.pairs not in ("", "builtin"):
@@ -290,4 +267,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,7 +14,7 @@ embeddings, the output head, norms, biases, convolution kernels and other small 
 import math
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -275,25 +275,9 @@ class DemoConfig:
     seed: int = 0
 
 
-def parse_overrides(config, argv):
-    """Apply --key=value overrides to a dataclass instance; an unknown key or a bad value raises ValueError."""
-    valid = [f.name for f in fields(config)]
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in valid:
-            raise ValueError(f"expected --key=value with key one of {sorted(valid)}, got {arg!r}")
-        try:
-            setattr(config, key, type(getattr(config, key))(value))
-        except ValueError:
-            raise ValueError(f"--{key} expects a {type(getattr(config, key)).__name__}, got {value!r}") from None
-    return config
-
-
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(__doc__ + "\noptions (--key=value): " + ", ".join(f"{f.name}={f.default}" for f in fields(DemoConfig)))
-        return
-    cfg = parse_overrides(DemoConfig(), argv)
+    from train import parse_args
+    cfg = parse_args(argv, DemoConfig, doc=__doc__)
     if cfg.dtype not in ("bfloat16", "float32", "float64"):
         raise ValueError(f"--dtype must be bfloat16, float32 or float64, got {cfg.dtype!r}")
     g = torch.Generator().manual_seed(cfg.seed)
@@ -309,4 +293,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

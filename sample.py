@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eval import parse_config, pick_device
+from eval import pick_device
+from train import parse_args
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SampleConfig:
 
 
 def main(argv):
-    cfg = parse_config(SampleConfig, argv)
+    cfg = parse_args(argv, SampleConfig, doc=__doc__)
     if not cfg.ckpt:
         raise ValueError("--ckpt=PATH is required (a checkpoint written by train.py)")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.temperature < 0 or cfg.top_k < 0:
@@ -58,4 +59,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

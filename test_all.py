@@ -1974,7 +1974,7 @@ def test_checkpoint_is_written_atomically_and_a_corrupt_file_is_refused(tmp_path
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--not_a_flag=1"], "unknown option --not_a_flag; valid options: --data"),
+    (["--not_a_flag=1"], "unknown option '--not_a_flag=1'; valid options: --data"),
     (["--max_iters=ten"], "--max_iters=ten: expected a value of type int"),
     (["--compile=maybe"], "expected True or False"),
     (["max_iters=3"], "malformed argument"),
@@ -2043,7 +2043,7 @@ def test_train_help_lists_the_options():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--max_iters=" in r.stdout and "--preset=" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--bogus=1"], capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+    assert r.returncode == 2 and "unknown option '--bogus=1'" in r.stderr
 
 
 # =============================================================================
@@ -2284,3 +2284,26 @@ def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu(tmp_path):
     assert all(r["muon_step_ms"] > 0 and r["tok_s"] > 0 for r in saved["optim"])
     with pytest.raises(ValueError, match="--suite='fast'"):
         bench.main(["--suite=fast"])
+
+
+# =============================================================================
+# notebooks/: executed in FAST mode by a real notebook runner
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_four_walkthrough_notebooks():
+    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes_without_error_in_fast_mode(path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("BLALM_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(path, as_version=4)
+    assert any(c.outputs for c in nb.cells if c.cell_type == "code"), "the committed notebook keeps its outputs"
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError, naming the cell, on any error

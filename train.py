@@ -3,13 +3,13 @@ Train BLaLM (or the softmax baseline) under the BabyLM rules. One GPU by default
 several GPUs with `torchrun --nproc_per_node=N train.py ...` (PyTorch DDP).
 
     python train.py                                  # small model on the built-in synthetic corpus
-    python train.py --data=DIR                       # a prepared corpus (or a raw one, prepared into DIR/prepared)
+    python train.py --data=DIR                       # a prepared corpus (a raw one is prepared into data_prepared/)
     python train.py --preset=strict_small --data=DIR # the BabyLM STRICT-SMALL track: 10M words, <= 10 epochs
     python train.py --plot=RUN_DIR[,RUN_DIR...]      # loss against words seen for one or several runs
     python train.py --help
 """
 
-import io
+import inspect
 import json
 import math
 import os
@@ -75,19 +75,19 @@ class TrainConfig:
     eval_pairs: str = "auto"        # minimal pairs: "auto" (built-in pairs for synthetic data), "none", "builtin", or a BLiMP/Zorro dir
     eval_max_pairs: int = 50        # pairs per paradigm scored at each evaluation
     # model (BLaLMConfig; vocab_size comes from the data)
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    mixer: str = "mlstm"
-    mlstm_form: str = "chunkwise"
-    chunk_size: int = 64
-    short_conv: int = 4
-    swa_window: int = 64
-    modulation: bool = True
-    feature_map: str = "none"
-    gate_softcap: float = 15.0
-    bias: bool = False
+    block_size: int = 128           # context length in tokens
+    n_layer: int = 4                # residual blocks
+    n_head: int = 4                 # heads (head size = n_embd / n_head)
+    n_embd: int = 128               # width
+    mixer: str = "mlstm"            # "mlstm" (BLaLM) | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
+    mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
+    chunk_size: int = 64            # chunk length of the chunkwise forms
+    short_conv: int = 4             # causal depthwise conv kernel on q, k, v (0 = off)
+    swa_window: int = 64            # sliding-window attention branch (0 = off)
+    modulation: bool = True         # dynamic modulation of the SWA branch (else averaged with the mLSTM)
+    feature_map: str = "none"       # "none" | "hedgehog" on the mLSTM's q, k
+    gate_softcap: float = 15.0      # gates -> cap * tanh(x / cap) (0 = off)
+    bias: bool = False              # biases in Linear and LayerNorm (GPT-2 layout: True)
     dropout: float = 0.0
     # optimizer and schedule
     optimizer: str = "muon"         # "muon" (Muon for hidden matrices + AdamW for the rest) | "adamw"
@@ -145,42 +145,53 @@ def _parse_value(key, text, current):
             return False
         raise ValueError(f"--{key}={text}: expected True or False")
     try:
+        if kind is int:  # 10_000_000 and 1e7 both mean ten million
+            value = float(text.replace("_", ""))
+            if value != int(value):
+                raise ValueError
+            return int(value)
         return kind(text)
     except ValueError:
         raise ValueError(f"--{key}={text}: expected a value of type {kind.__name__}") from None
 
 
 def parse_args(argv, config_cls=TrainConfig, presets=None, doc=""):
-    """--key=value overrides of a config dataclass (a --preset=NAME first, when given).
-    Unknown keys, malformed flags and values of the wrong type raise ValueError naming them."""
-    valid = {f.name: f for f in fields(config_cls)}
+    """--key=value overrides of a config dataclass (a --preset=NAME first, when given). --help prints the
+    doc and the dataclass with its defaults and comments. Unknown keys, malformed flags and values of the
+    wrong type raise ValueError naming them. Every script of the project parses its flags with this."""
+    valid = [f.name for f in fields(config_cls)]
     if any(a in ("-h", "--help") for a in argv):
-        print(doc.strip() + "\n\noptions (--key=value):")
+        comments = {}  # the comment on each field's line of the dataclass source
+        for line in inspect.getsource(config_cls).splitlines():
+            name, _, rest = line.strip().partition(":")
+            if name in valid and "#" in rest:
+                comments[name] = rest.split("#", 1)[1].strip()
+        print(doc.strip() + "\n\noptions (--key=value), with their defaults:")
         defaults = config_cls()
         for name in valid:
-            print(f"  --{name}={getattr(defaults, name)!r}")
+            flag = f"--{name}={getattr(defaults, name)}"
+            print(f"  {flag:<34} {comments.get(name, '')}".rstrip())
         if presets:
-            print(f"  --preset={'|'.join(presets)}")
+            print(f"  --preset={'|'.join(presets):<25} named settings, applied before the other flags")
         sys.exit(0)
     pairs = []
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"malformed argument {arg!r}: expected --key=value (see --help)")
         key, value = arg[2:].split("=", 1)
+        if key not in valid and not (key == "preset" and presets is not None):
+            raise ValueError(f"unknown option {arg!r}; valid options: {', '.join('--' + k for k in valid)}")
         pairs.append((key, value))
     config = config_cls()
     for key, value in pairs:
-        if key == "preset" and presets is not None:
+        if key == "preset":
             if value not in presets:
                 raise ValueError(f"unknown preset {value!r}; choose one of {sorted(presets)}")
             for k, v in presets[value].items():
                 setattr(config, k, v)
     for key, value in pairs:
-        if key == "preset" and presets is not None:
-            continue
-        if key not in valid:
-            raise ValueError(f"unknown option --{key}; valid options: {', '.join('--' + k for k in valid)}")
-        setattr(config, key, _parse_value(key, value, getattr(config, key)))
+        if key != "preset":
+            setattr(config, key, _parse_value(key, value, getattr(config, key)))
     return config
 
 
@@ -262,10 +273,9 @@ def resolve_data(c):
 
 def plot_runs(run_dirs, out_path):
     """Train and validation loss against words seen, one colour per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's (a notebook's) backend alone
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for k, run in enumerate(run_dirs):
         path = os.path.join(run, "log.jsonl")
         if not os.path.isfile(path):
@@ -291,7 +301,6 @@ def plot_runs(run_dirs, out_path):
     tmp = out_path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, out_path)
-    plt.close(fig)
     return out_path
 
 
