@@ -39,7 +39,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 import unicodedata
@@ -1348,10 +1347,7 @@ def parse_args(argv):
 
 
 def main(argv):
-    try:
-        cfg = parse_args(argv)
-    except ValueError as e:
-        sys.exit(f"data.py: {e}")
+    cfg = parse_args(argv)
     out = cfg.out or str(Path("data") / ("synthetic" if cfg.source == "synthetic" else
                                          Path(cfg.source.split(",")[0].rstrip("/")).name))
     kwargs = {k: v for k, v in asdict(cfg).items() if k not in ("source", "out")}
@@ -1359,8 +1355,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train import run_cli
+    run_cli(main)

@@ -39,7 +39,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, asdict
 from types import SimpleNamespace
@@ -950,8 +949,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train import run_cli
+    run_cli(main)

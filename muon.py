@@ -13,7 +13,6 @@ embeddings, the output head, norms, biases, convolution kernels and other small 
 
 import math
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -293,8 +292,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train import run_cli
+    run_cli(main)

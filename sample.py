@@ -9,7 +9,6 @@ model's recurrent state (model.generate).
 An empty --start prompts with the end-of-text token alone: a sample from scratch.
 """
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +58,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train import run_cli
+    run_cli(main)

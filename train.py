@@ -506,9 +506,15 @@ def main(argv):
         torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":
+def run_cli(main):
+    """Run a script's main(argv): a user's mistake (a bad flag or value, a missing file) prints one line
+    naming it and exits with status 2, instead of a traceback. Every script ends with this."""
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)
