@@ -136,13 +136,14 @@ def bench_train(c, device, gpu, with_optim=False):
             model = BLaLM(cfg).to(device)
             opts = {"muon": configure_optimizers(model, "muon", verbose=False),
                     "adamw": configure_optimizers(model, "adamw", verbose=False)}
-            cmodel = model.compile_blocks() if gpu else model
+            if gpu:
+                model.compile_blocks()
             x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
 
             def fwd_bwd():
                 with autocast:
-                    loss = cmodel(x, x)[1]
+                    loss = model(x, x)[1]
                 loss.backward()
 
             def step(opt=opts["muon"]):
@@ -166,7 +167,7 @@ def bench_train(c, device, gpu, with_optim=False):
                     row[f"{oname}_step_ms"] = oms
                     row[f"{oname}_fraction"] = oms / ms
             rows.append(row)
-            del model, cmodel, opts
+            del model, opts
             if gpu:
                 torch.cuda.empty_cache()
     return rows

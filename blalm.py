@@ -291,24 +291,25 @@ class HedgehogAttention(CausalSelfAttention):
 
     def __init__(self, config):
         super().__init__(config)
-        from hedgehog import HedgehogFeatureMap  # hedgehog.py imports this file: import late
+        # hedgehog.py imports this file, so import it late, once, here rather than in every forward
+        from hedgehog import HedgehogFeatureMap, linear_attention_chunkwise, linear_attention_step
+        self.chunkwise, self.step = linear_attention_chunkwise, linear_attention_step
         D = config.n_embd // config.n_head
         self.fmap_q = HedgehogFeatureMap(D, config.n_head)
         self.fmap_k = HedgehogFeatureMap(D, config.n_head)
         self.chunk_size = config.chunk_size
 
     def forward(self, x, cache=None):
-        from hedgehog import linear_attention_chunkwise, linear_attention_step
         q, k, v = self.qkv(x)
         q, k = self.fmap_q(q), self.fmap_k(k)
         if cache is None:
-            y = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size)
+            y = self.chunkwise(q, k, v, chunk_size=self.chunk_size)
         elif x.size(1) == 1:
-            y, cache["state"] = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.get("state"))
+            y, cache["state"] = self.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.get("state"))
             y = y[:, :, None]
         else:
-            y, cache["state"] = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size,
-                                                           state=cache.get("state"), return_state=True)
+            y, cache["state"] = self.chunkwise(q, k, v, chunk_size=self.chunk_size,
+                                               state=cache.get("state"), return_state=True)
         return self.c_proj(_merge(y))
 
 
@@ -530,7 +531,7 @@ class BLaLM(nn.Module):
             raise ValueError("idx has T = 0 tokens; need at least one")
         if torch.compiler.is_compiling():  # no data-dependent check inside a compiled graph
             return
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one device sync, not two
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside [0, vocab_size={self.config.vocab_size})")

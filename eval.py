@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train import parse_args
+from train import parse_args, pick_device
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
 BUILTIN_SEED = 1234
@@ -39,10 +39,6 @@ class EvalConfig:
     batch_size: int = 64     # sentences per forward pass (windows of block_size for --text: batch_size // 8)
     device: str = "auto"     # "auto" = cuda when present, else cpu
     json: str = ""           # also write the results to this file
-
-
-def pick_device(device):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def write_json_atomic(obj, path):

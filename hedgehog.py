@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blalm import BLaLM, BLaLMConfig
-from train import lr_factor, parse_args, read_checkpoint, save_checkpoint
+from train import lr_factor, parse_args, pick_device, read_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Feature maps
@@ -885,8 +885,7 @@ def main(argv):
     c = parse_args(argv, ConvertConfig, doc=__doc__.split("Scaling convention.")[0])
     check_convert_config(c)
     import data
-    if c.device == "auto":
-        c.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    c.device = pick_device(c.device)
     if c.dtype == "auto":
         c.dtype = "bfloat16" if c.device.startswith("cuda") else "float32"
     dtype = torch.bfloat16 if c.dtype == "bfloat16" else None

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eval import pick_device
-from train import parse_args
+from train import parse_args, pick_device
 
 
 @dataclass

@@ -234,6 +234,13 @@ def milestone_words(words_before, words_after):
     return [m for m in marks if words_before < m <= words_after]
 
 
+def pick_device(device):
+    """"auto" -> CUDA when available, else Apple's mps, else the CPU; any other name is kept."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -324,8 +331,7 @@ def main(argv):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
-    if c.device == "auto":
-        c.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    c.device = pick_device(c.device)
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if c.device.startswith("cuda") else "gloo")
         if c.device.startswith("cuda"):
