@@ -81,6 +81,7 @@ class TrainConfig:
     n_embd: int = 128               # width
     mixer: str = "mlstm"            # "mlstm" (BLaLM) | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
     mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
+    mlstm_kernel: str = "torch"     # chunkwise intra-chunk part: "torch" | "triton" (optional fused kernel, CUDA only)
     chunk_size: int = 64            # chunk length of the chunkwise forms
     short_conv: int = 4             # causal depthwise conv kernel on q, k, v (0 = off)
     swa_window: int = 64            # sliding-window attention branch (0 = off)
@@ -113,6 +114,7 @@ class TrainConfig:
     eval_iters: int = 10
     log_interval: int = 10
     milestones: bool = True         # keep a checkpoint at each BabyLM word milestone
+    keep_best: bool = True          # also keep the checkpoint of the lowest validation loss (ckpt_best.pt)
     resume: bool = False
     stop_iter: int = 0              # stop at this iteration with a checkpoint, to continue with --resume (0 = at the end)
     seed: int = 1337
@@ -126,11 +128,11 @@ PRESETS = {
     # a small model that finishes in a few minutes on 2 CPU cores (the default)
     "default": {},
     # the BabyLM tracks: a ~30M non-embedding parameter model, context 512, at most 10 epochs
-    "strict_small": dict(budget_words=10_000_000, vocab_size=16384, block_size=512, n_layer=12, n_head=6,
-                         n_embd=384, swa_window=128, batch_size=64, max_iters=0, max_epochs=10,
+    "strict_small": dict(budget_words=10_000_000, vocab_size=16384, block_size=512, n_layer=12, n_head=7,
+                         n_embd=448, swa_window=128, batch_size=64, max_iters=0, max_epochs=10,
                          eval_interval=500, log_interval=50, warmup_iters=200, compile=True),
-    "strict": dict(budget_words=100_000_000, vocab_size=16384, block_size=512, n_layer=12, n_head=6,
-                   n_embd=384, swa_window=128, batch_size=64, max_iters=0, max_epochs=10,
+    "strict": dict(budget_words=100_000_000, vocab_size=16384, block_size=512, n_layer=12, n_head=7,
+                   n_embd=448, swa_window=128, batch_size=64, max_iters=0, max_epochs=10,
                    eval_interval=2000, log_interval=100, warmup_iters=500, compile=True),
 }
 MODEL_KEYS = [f.name for f in fields(BLaLMConfig) if f.name != "vocab_size"]
@@ -459,11 +461,14 @@ def main(argv):
         if master and (it % c.eval_interval == 0 or stopping) and it != resumed_at:
             stop_if_nonfinite()
             result = evaluate_now()
+            improved = result["val_loss"] < best_val
             best_val = min(best_val, result["val_loss"])
             extra = f", pairs {result['pairs_macro']:.2f}" if "pairs_macro" in result else ""
             print(f"eval iter {it}: val loss {result['val_loss']:.4f}{extra}, {words:,.0f} words")
             log({"kind": "eval", "iter": it, "words": words, **result})
             checkpoint(ckpt_path)
+            if improved and c.keep_best:  # early stopping within the epoch cap: evaluate this one too
+                checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"))
             t_last = time.time()  # evaluation time does not count against tokens/s
         if stopping:
             break
