@@ -5,7 +5,8 @@ Performance benchmarks: a table on stdout and the numbers in JSON.
 
 kernels  forward+backward of the sequence mixers at a fixed B*T tokens, 12 heads of 64, bfloat16:
          SDPA causal (flash), sliding-window attention, the mLSTM parallel (where it fits), chunkwise
-         eager and compiled, Hedgehog linear attention compiled; median ms, peak memory, compile time
+         eager and compiled (and with the Triton intra-chunk kernel, eager and compiled, when triton is
+         installed), Hedgehog linear attention compiled; median ms, peak memory, compile time
 train    tokens/s and MFU of one training step (forward, backward, optimizer) for BLaLM and the softmax
          baseline of the same width and depth, compiled, bfloat16
 decode   per-token latency and memory of decoding after a context of 256 .. 16k tokens
@@ -15,6 +16,7 @@ On a CPU every suite runs tiny sizes (a smoke test, not a measurement). Compare 
 one run on one card: every table names the device it ran on.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -80,6 +82,11 @@ def bench_kernels(c, device, gpu):
     dtype = torch.bfloat16 if gpu else torch.float32
     compile = (lambda fn: torch.compile(fn, fullgraph=True)) if gpu else (lambda fn: fn)  # CPU: a smoke test, eager
     chunk_c = compile(mlstm_chunkwise)
+    # the optional Triton kernel for step (c) (mlstm_triton.py): eager, and compiled around it -- the autograd
+    # Function that launches the kernels sits inside the graph torch.compile captures
+    with_triton = gpu and importlib.util.find_spec("triton") is not None
+    chunk_triton = lambda q, k, v, i, f: mlstm_chunkwise(q, k, v, i, f, kernel="triton")
+    chunk_triton_c = compile(chunk_triton)
     fq, fk = HedgehogFeatureMap(D, NH).to(device), HedgehogFeatureMap(D, NH).to(device)
     hedgehog_c = compile(lambda q, k, v: linear_attention_chunkwise(fq(q), fk(k), v))
     swa_c = compile(lambda q, k, v: sliding_window_attention(q, k, v, c.window))
@@ -100,6 +107,9 @@ def bench_kernels(c, device, gpu):
             f"mlstm chunkwise {tag}": lambda: chunk_c(q, k, v, i, f),
             f"hedgehog linear attn {tag}": lambda: hedgehog_c(q, k, v),
         }
+        if with_triton:
+            mixers["mlstm chunkwise triton"] = lambda: chunk_triton(q, k, v, i, f)
+            mixers["mlstm chunkwise triton compiled"] = lambda: chunk_triton_c(q, k, v, i, f)
         for name, fwd in mixers.items():
             if name == "mlstm parallel" and B * NH * T * T * 4 > (8 << 30 if gpu else 1 << 28):
                 rows.append(dict(T=T, B=B, mixer=name, ms=None, peak_mib=None, first_s=None, note="does not fit"))
@@ -111,17 +121,26 @@ def bench_kernels(c, device, gpu):
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append(dict(T=T, B=B, mixer=name, ms=None, peak_mib=None, first_s=None, note="out of memory"))
+            except Exception as e:  # the optional kernel's failure (e.g. to compile) is a result, not the end
+                if "triton" not in name:
+                    raise
+                note = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+                rows.append(dict(T=T, B=B, mixer=name, ms=None, peak_mib=None, first_s=None, note=note))
             for t in (q, k, v, i, f):
                 t.grad = None
     return rows
 
 
 def model_pair(gpu, T):
-    """BLaLM (the strict_small shape) and the softmax baseline of the same width and depth."""
-    shape = dict(n_layer=12, n_head=6, n_embd=384, vocab_size=16384) if gpu else \
+    """BLaLM (the strict_small shape), with the Triton intra-chunk kernel too where triton is installed,
+    and the softmax baseline of the same width and depth."""
+    shape = dict(n_layer=12, n_head=7, n_embd=448, vocab_size=16384) if gpu else \
         dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256)
-    return {"blalm": BLaLMConfig(block_size=T, **shape),
-            "softmax": BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape)}
+    models = {"blalm": BLaLMConfig(block_size=T, **shape)}
+    if gpu and importlib.util.find_spec("triton") is not None:
+        models["blalm triton"] = BLaLMConfig(block_size=T, mlstm_kernel="triton", **shape)
+    models["softmax"] = BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape)
+    return models
 
 
 def bench_train(c, device, gpu, with_optim=False):
@@ -179,6 +198,8 @@ def bench_decode(c, device, gpu):
     contexts = [256, 1024, 4096, 16384] if gpu else [32, 128]
     n_new = 32
     for name, cfg in model_pair(gpu, max(contexts) + 2 * n_new).items():
+        if name == "blalm triton":  # decoding is one mlstm_step per token: the chunkwise kernel plays no part
+            continue
         torch.manual_seed(0)
         model = BLaLM(cfg).to(device).eval()
         if gpu:
@@ -234,11 +255,11 @@ def main(argv):
             results[s] = bench_decode(c, device, gpu)
         print_table(f"{s} ({results['device']})", results[s])
         sys.stdout.flush()
-    if c.json:
-        tmp = c.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=1)
-        os.replace(tmp, c.json)
+        if c.json:  # after every suite, so that a run cut short keeps what it measured
+            tmp = c.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(results, fh, indent=1)
+            os.replace(tmp, c.json)
     return results
 
 

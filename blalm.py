@@ -117,7 +117,7 @@ def mlstm_recurrent(q, k, v, i, f, state=None, return_state=False, eps=1e-6):
     return (h, state) if return_state else h
 
 
-def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False, eps=1e-6):
+def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False, eps=1e-6, kernel="torch"):
     """Parallel inside chunks of L = chunk_size tokens, recurrent across chunks. Memory O(T * L).
 
     The states entering all chunks are computed at once, without a Python loop: each chunk c first
@@ -125,10 +125,21 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     at the end of chunk c is then the initial state plus every U_c' (c' <= c) decayed by the forget
     gates in between -- a small parallel form over chunks with an (NC x NC) decay matrix.
 
-    The four per-chunk matrix products run in the input dtype (bfloat16 inputs use the tensor cores, as
-    flash attention does); gates, stabilisers, sums and the state are float32 (float64 stays float64).
+    Precision: only P @ v runs in the input dtype (bfloat16 inputs: tensor cores, as in flash attention);
+    the scores q . k, the states and every other product, gates, stabilisers and sums are float32 (float64
+    stays float64; on a GPU with TF32 allowed, float32 products use TF32). The output h sums terms of both
+    signs: where they cancel, every product rounded to bfloat16 is amplified -- with the state products in
+    bfloat16, gradients erred ~7e-2 against float64 on random inputs, ~3e-3 now (test_all.py).
+
+    kernel="triton" computes step (c)'s L x L part with the fused Triton kernel of mlstm_triton.py (optional:
+    needs triton and CUDA tensors, chunk_size and head sizes powers of two); "torch" is the reference.
     """
-    in_dtype = mm = v.dtype
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"kernel={kernel!r} is not one of ('torch', 'triton')")
+    intra_chunk = _intra_chunk_torch
+    if kernel == "triton":  # imported only when asked for: triton is optional
+        from mlstm_triton import intra_chunk
+    in_dtype = v.dtype
     dt = _state_dtype(q.dtype)
     B, NH, T, DQK = q.shape
     DV = v.size(-1)
@@ -153,7 +164,7 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     a = g[..., None] - b + i                                          # log-weight of token s at its chunk's end
     M = a.amax(dim=-1).detach()                                       # (B, NH, NC)
     w = torch.exp(a - M[..., None])[..., None]                        # (B, NH, NC, L, 1)
-    U = ((k * w.to(mm)).transpose(-2, -1) @ v).to(dt)                 # (B, NH, NC, DQK, DV): sum_s w_s k_s v_s^T
+    U = (k.to(dt) * w).transpose(-2, -1) @ v.to(dt)                   # (B, NH, NC, DQK, DV): sum_s w_s k_s v_s^T
     u = (k.to(dt) * w).sum(dim=-2)                                    # (B, NH, NC, DQK):     sum_s w_s k_s
 
     # (b) state at the end of every chunk: a parallel form over chunks
@@ -169,18 +180,32 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     n_in = torch.cat([n0[:, :, None], n_end[:, :, :-1]], dim=2)
     m_in = torch.cat([m0[:, :, None], m_end[:, :, :-1]], dim=2)
 
-    # (c) outputs: the parallel form inside each chunk plus the entering state
-    logD = segsum(lf) + i[..., None, :]                               # (B, NH, NC, L, L)
+    # (c) outputs: the parallel form inside each chunk plus the entering state. Token s of the chunk
+    # reaches t with log-weight b_t - b_s + i_s, so a row's largest is b_t + max_{s<=t}(i_s - b_s): a
+    # running maximum, no L x L matrix needed.
     inter = b + m_in[..., None]                                       # log-weight of the entering state at t
-    m = torch.maximum(inter, logD.amax(dim=-1)).detach()              # (B, NH, NC, L)
-    S = (q @ k.transpose(-2, -1)).to(dt) * torch.exp(logD - m[..., None])
+    m = torch.maximum(inter, b + torch.cummax(i - b, dim=-1).values).detach()   # (B, NH, NC, L)
+    num, den = intra_chunk(q, k, v, b, i, m)                          # (B, NH, NC, L, DV), (B, NH, NC, L)
     inter = torch.exp(inter - m)
-    num = (S.to(mm) @ v).to(dt) + inter[..., None] * (q @ C_in.to(mm)).to(dt)
-    den = torch.maximum((S.sum(-1) + inter * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
+    num = num + inter[..., None] * (q.to(dt) @ C_in)
+    den = torch.maximum((den + inter * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
     h = (num / den[..., None]).reshape(B, NH, NC * L, DV)[:, :, :T].to(in_dtype)
     if return_state:
         return h, (C_end[:, :, -1], n_end[:, :, -1], m_end[:, :, -1])
     return h
+
+
+def _intra_chunk_torch(q, k, v, b, i, m):
+    """Step (c) inside each chunk: P[t,s] = (q_t . k_s) exp(b_t - b_s + i_s - m_t) for s <= t, else 0;
+    returns num = P @ v (B, NH, NC, L, DV) and den = P.sum(-1) (B, NH, NC, L), in b's dtype.
+    (mlstm_triton.intra_chunk computes the same without writing the L x L matrices to memory.)"""
+    L = b.size(-1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
+    logA = (b[..., :, None] - b[..., None, :] + i[..., None, :] - m[..., None]).masked_fill(~causal, float("-inf"))
+    # scores in float32 (as the Triton kernel keeps them): den sums them with signs, and where that sum
+    # cancels, scores rounded to bfloat16 cost ~10x the error of the rounded inputs alone
+    P = (q.to(b.dtype) @ k.to(b.dtype).transpose(-2, -1)) * torch.exp(logA)   # (B, NH, NC, L, L)
+    return (P.to(v.dtype) @ v).to(b.dtype), P.sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +356,7 @@ class MLSTMLayer(nn.Module):
         super().__init__()
         C, NH = config.n_embd, config.n_head
         self.n_head, self.D = NH, C // NH
-        self.chunk_size, self.form = config.chunk_size, config.mlstm_form
+        self.chunk_size, self.form, self.kernel = config.chunk_size, config.mlstm_form, config.mlstm_kernel
         self.q_proj = nn.Linear(C, C, bias=False)
         self.k_proj = nn.Linear(C, C, bias=False)
         self.v_proj = nn.Linear(C, C, bias=False)
@@ -382,15 +407,18 @@ class MLSTMLayer(nn.Module):
         qm, km = (self.fmap_q(q), self.fmap_k(k)) if self.feature_map == "hedgehog" else (q, k)
 
         state = cache.get("mlstm") if cache is not None else None
-        if cache is not None and T == 1:
-            h, state = mlstm_step(qm[:, :, 0], km[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
-            h = h[:, :, None]
-        elif cache is not None or self.form != "parallel":
-            fn = mlstm_recurrent if self.form == "recurrent" else mlstm_chunkwise
-            kw = {} if self.form == "recurrent" else {"chunk_size": self.chunk_size}
-            h, state = fn(qm, km, v, i, f, state=state, return_state=True, **kw)
-        else:
-            h = mlstm_parallel(qm, km, v, i, f)
+        # the mLSTM forms choose their own precision (state, gates and scores in float32); autocast would
+        # run their float32 matrix products in bfloat16
+        with torch.autocast(x.device.type, enabled=False):
+            if cache is not None and T == 1:
+                h, state = mlstm_step(qm[:, :, 0], km[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
+                h = h[:, :, None]
+            elif cache is not None or self.form != "parallel":
+                fn = mlstm_recurrent if self.form == "recurrent" else mlstm_chunkwise
+                kw = {} if self.form == "recurrent" else {"chunk_size": self.chunk_size, "kernel": self.kernel}
+                h, state = fn(qm, km, v, i, f, state=state, return_state=True, **kw)
+            else:
+                h = mlstm_parallel(qm, km, v, i, f)
         if cache is not None:
             cache["mlstm"] = state
         h = F.layer_norm(h.float(), (self.D,)).to(x.dtype)                          # per-head norm
@@ -444,6 +472,7 @@ class Block(nn.Module):
 MIXERS = ("mlstm", "attn", "hedgehog")
 FEATURE_MAPS = ("none", "hedgehog")
 MLSTM_FORMS = ("chunkwise", "parallel", "recurrent")
+MLSTM_KERNELS = ("torch", "triton")
 
 
 @dataclass
@@ -456,6 +485,7 @@ class BLaLMConfig:
     mixer: str = "mlstm"           # "mlstm" | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
     mlstm_form: str = "chunkwise"  # which mLSTM form forward uses: "chunkwise" | "parallel" | "recurrent"
     chunk_size: int = 64
+    mlstm_kernel: str = "torch"    # chunkwise step (c): "torch" | "triton" (optional fused kernel, CUDA only)
     short_conv: int = 4            # kernel size of the causal depthwise conv on q, k, v (0 = off)
     swa_window: int = 128          # sliding-window attention branch beside the mLSTM (0 = off)
     modulation: bool = True        # dynamic modulation of the SWA branch (else the branches are averaged)
@@ -466,7 +496,8 @@ class BLaLMConfig:
 
     def __post_init__(self):
         for name, value, allowed in (("mixer", self.mixer, MIXERS), ("feature_map", self.feature_map, FEATURE_MAPS),
-                                     ("mlstm_form", self.mlstm_form, MLSTM_FORMS)):
+                                     ("mlstm_form", self.mlstm_form, MLSTM_FORMS),
+                                     ("mlstm_kernel", self.mlstm_kernel, MLSTM_KERNELS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "chunk_size"):
