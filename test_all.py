@@ -2227,6 +2227,22 @@ def test_checkpoint_is_written_atomically_and_a_corrupt_file_is_refused(tmp_path
         train.read_checkpoint(str(path))
 
 
+def test_a_checkpoint_trained_with_the_triton_kernel_loads_on_the_cpu_with_the_same_logits(tmp_path, capsys):
+    import data
+    cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, chunk_size=16)
+    torch.manual_seed(0)
+    reference = train.BLaLM(train.BLaLMConfig(**cfg)).eval()           # the default kernel, on the CPU
+    enc = data.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"model": reference.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
+                           "config": train.BLaLMConfig(**cfg, mlstm_kernel="triton").to_dict()}, str(path))
+    model, _, _ = train.load_checkpoint(str(path), "cpu")
+    assert model.config.mlstm_kernel == "torch" and "mlstm_kernel='triton'" in capsys.readouterr().out
+    idx = torch.randint(0, 64, (2, 27))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], reference(idx)[0])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--not_a_flag=1"], "unknown option '--not_a_flag=1'; valid options: --data"),
     (["--max_iters=ten"], "--max_iters=ten: expected a value of type int"),

@@ -55,7 +55,12 @@ def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode on device, tiktoken tokenizer, the checkpoint dict)."""
     from data import tokenizer_from_dict
     ckpt = read_checkpoint(path)
-    model = BLaLM(BLaLMConfig.from_dict(ckpt["config"]))
+    config = BLaLMConfig.from_dict(ckpt["config"])
+    if config.mlstm_kernel == "triton" and not str(device).startswith("cuda"):
+        # the kernel is a speed option, not part of the model: both kernels compute the same function
+        print(f"note: {path} was trained with mlstm_kernel='triton' (CUDA only); using 'torch' on {device}")
+        config.mlstm_kernel = "torch"
+    model = BLaLM(config)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
 
