@@ -134,8 +134,8 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     kernel="triton" computes step (c)'s L x L part with the fused Triton kernel of mlstm_triton.py (optional:
     needs triton and CUDA tensors, chunk_size and head sizes powers of two); "torch" is the reference.
     """
-    if kernel not in ("torch", "triton"):
-        raise ValueError(f"kernel={kernel!r} is not one of ('torch', 'triton')")
+    if kernel not in MLSTM_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {MLSTM_KERNELS}")
     intra_chunk = _intra_chunk_torch
     if kernel == "triton":  # imported only when asked for: triton is optional
         from mlstm_triton import intra_chunk

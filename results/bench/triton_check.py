@@ -14,7 +14,6 @@ Every case is wrapped in try/except, so one failure prints and the rest still ru
 
 import functools
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from blalm import _intra_chunk_torch, mlstm_chunkwise, mlstm_parallel
+from bench import timed as bench_timed
 
 DEV = "cuda"
 assert torch.cuda.is_available(), "needs a GPU"
@@ -93,21 +93,7 @@ case("extreme gates +-100 finite", lambda: accuracy(torch.bfloat16, 64, 64, 64, 
 
 
 def timed(fn, repeat=20):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**20, first
+    return bench_timed(fn, repeat, DEV)
 
 
 rows = []
