@@ -4,13 +4,15 @@ Performance benchmarks: a table on stdout and the numbers in JSON.
     python bench.py [--suite=kernels|train|decode|optim|all] [--device=auto] [--json=FILE]
 
 kernels  forward+backward of the sequence mixers at a fixed B*T tokens, 12 heads of 64, bfloat16:
-         SDPA causal (flash), sliding-window attention, the mLSTM parallel (where it fits), chunkwise
-         eager and compiled (and with the Triton intra-chunk kernel, eager and compiled, when triton is
-         installed), Hedgehog linear attention compiled; median ms, peak memory, compile time
+         SDPA causal (flash), sliding-window attention (blocked SDPA eager; flex_attention compiled), the
+         mLSTM parallel (where it fits), chunkwise eager and compiled (and with the Triton intra-chunk
+         kernel, eager and compiled, when triton is installed), Hedgehog linear attention compiled;
+         median ms, peak memory, compile time (every length compiled afresh)
 train    tokens/s and MFU of one training step (forward, backward, optimizer) for BLaLM and the softmax
          baseline of the same width and depth, compiled, bfloat16
 decode   per-token latency and memory of decoding after a context of 256 .. 16k tokens
-optim    Muon and AdamW step time, as a fraction of the training step
+optim    Muon and AdamW step time, as a fraction of the training step: timed alone, and as what the step
+         adds to forward + backward
 
 On a CPU every suite runs tiny sizes (a smoke test, not a measurement). Compare numbers only within
 one run on one card: every table names the device it ran on.
@@ -80,19 +82,20 @@ def bench_kernels(c, device, gpu):
     tokens = c.tokens if gpu else 1024
     lengths = [int(t) for t in c.lengths.split(",")] if gpu else [128, 512]
     dtype = torch.bfloat16 if gpu else torch.float32
-    compile = (lambda fn: torch.compile(fn, fullgraph=True)) if gpu else (lambda fn: fn)  # CPU: a smoke test, eager
-    chunk_c = compile(mlstm_chunkwise)
+    # compiled afresh for every length: static shapes, as in training, and each length's compile time measured
+    compile = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if gpu else (lambda fn: fn)  # CPU: eager
     # the optional Triton kernel for step (c) (mlstm_triton.py): eager, and compiled around it -- the autograd
     # Function that launches the kernels sits inside the graph torch.compile captures
     with_triton = gpu and importlib.util.find_spec("triton") is not None
     chunk_triton = lambda q, k, v, i, f: mlstm_chunkwise(q, k, v, i, f, kernel="triton")
-    chunk_triton_c = compile(chunk_triton)
     fq, fk = HedgehogFeatureMap(D, NH).to(device), HedgehogFeatureMap(D, NH).to(device)
-    hedgehog_c = compile(lambda q, k, v: linear_attention_chunkwise(fq(q), fk(k), v))
-    swa_c = compile(lambda q, k, v: sliding_window_attention(q, k, v, c.window))
     tag = "compiled" if gpu else "eager on cpu"
     rows = []
     for T in lengths:
+        torch.compiler.reset()  # nothing compiled for one length or mixer is reused, or guarded against, by another
+        chunk_c, chunk_triton_c = compile(mlstm_chunkwise), compile(chunk_triton)
+        hedgehog_c = compile(lambda q, k, v: linear_attention_chunkwise(fq(q), fk(k), v))
+        swa_c = compile(lambda q, k, v: sliding_window_attention(q, k, v, c.window))  # flex_attention when compiled
         B = max(1, tokens // T)
         g = torch.Generator(device=device).manual_seed(0)
         rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, device=device)).to(dtype).requires_grad_()
@@ -101,7 +104,8 @@ def bench_kernels(c, device, gpu):
         dy = torch.randn(B, NH, T, D, generator=g, device=device).to(dtype)
         mixers = {
             "sdpa causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-            f"swa w={c.window} {tag}": lambda: swa_c(q, k, v),
+            f"swa w={c.window} blocked sdpa eager": lambda: sliding_window_attention(q, k, v, c.window),
+            f"swa w={c.window} {'flex_attention compiled' if gpu else tag}": lambda: swa_c(q, k, v),
             "mlstm parallel": lambda: mlstm_parallel(q, k, v, i, f),
             "mlstm chunkwise eager": lambda: mlstm_chunkwise(q, k, v, i, f),
             f"mlstm chunkwise {tag}": lambda: chunk_c(q, k, v, i, f),
@@ -151,6 +155,10 @@ def bench_train(c, device, gpu, with_optim=False):
     for T in ([512, 2048] if gpu else [64]):
         B = (32768 if gpu else 256) // T
         for name, cfg in model_pair(gpu, T).items():
+            # every model compiled from scratch: the blocks of all models share Block.forward's code, so without a
+            # reset a later model runs behind the earlier models' guards and recompilations (seen here: the Triton
+            # model's step took 123 ms after two other models, 63 ms in a fresh process)
+            torch.compiler.reset()
             torch.manual_seed(0)
             model = BLaLM(cfg).to(device)
             opts = {"muon": configure_optimizers(model, "muon", verbose=False),
@@ -176,15 +184,25 @@ def bench_train(c, device, gpu, with_optim=False):
             row = dict(T=T, model=name, params=model.num_params(), tok_s=tok_s, mfu=mfu, step_ms=ms,
                        peak_mib=peak, compile_s=first)
             if with_optim:
+                # two measures of what the optimizer costs: its step timed alone (launch-bound at this size: the
+                # GPU waits for Python), and what it adds to a training step, where its launches overlap the
+                # backward pass still running on the GPU: (forward, backward, step) - (forward, backward)
+                saved = [p.detach().clone() for p in model.parameters()]
+                fb_ms, _, _ = timed(lambda: (fwd_bwd(), model.zero_grad(set_to_none=True)), c.repeat, device)
+                row["fwd_bwd_ms"] = fb_ms
                 fwd_bwd()  # gradients in place, then time the optimizers alone
                 for oname, opt in opts.items():
-                    saved = [p.detach().clone() for p in model.parameters()]
                     oms, _, _ = timed(lambda: opt.step(), c.repeat, device)
-                    with torch.no_grad():
-                        for p, s in zip(model.parameters(), saved):
-                            p.copy_(s)
-                    row[f"{oname}_step_ms"] = oms
-                    row[f"{oname}_fraction"] = oms / ms
+                    row[f"{oname}_alone_ms"] = oms
+                    row[f"{oname}_alone_fraction"] = oms / ms
+                model.zero_grad(set_to_none=True)
+                for oname, opt in opts.items():
+                    sms, _, _ = timed(lambda: step(opt), c.repeat, device)
+                    row[f"{oname}_added_ms"] = sms - fb_ms
+                    row[f"{oname}_added_fraction"] = (sms - fb_ms) / sms
+                with torch.no_grad():
+                    for p, s in zip(model.parameters(), saved):
+                        p.copy_(s)
             rows.append(row)
             del model, opts
             if gpu:

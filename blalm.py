@@ -250,7 +250,13 @@ def sliding_window_attention(q, k, v, window):
     """Causal softmax attention where query t sees keys t-window+1..t. Memory O(T * window).
 
     The sequence is cut into blocks of `window` queries; each block attends to its own keys and the
-    previous block's (2 * window keys) under a banded mask, so no (T x T) matrix is ever built."""
+    previous block's (2 * window keys) under a banded mask, so no (T x T) matrix is ever built.
+    Inside a torch.compile'd graph on a GPU the same attention runs as one fused flex_attention kernel
+    (sliding_window_attention_flex): the masked SDPA above has no flash kernel and was the step's
+    largest cost after the mLSTM (bench.py). Only for a static length: flex_attention's block mask cannot
+    be built for a symbolic one (torch.compile marks T dynamic once it has seen two lengths)."""
+    if q.is_cuda and torch.compiler.is_compiling() and isinstance(q.size(2), int):
+        return sliding_window_attention_flex(q, k, v, window)
     B, NH, T, D = q.shape
     W = window
     NB = (T + W - 1) // W
@@ -267,6 +273,17 @@ def sliding_window_attention(q, k, v, window):
     mask = torch.stack([first] + [band] * (NB - 1))[None, None]         # (1, 1, NB, W, 2W)
     y = F.scaled_dot_product_attention(qb, k2, v2, attn_mask=mask)
     return y.reshape(B, NH, NB * W, D)[:, :, :T]
+
+
+def sliding_window_attention_flex(q, k, v, window):
+    """The same attention through flex_attention: the mask is a rule on (query t, key s), from which
+    flex_attention derives which key blocks to visit (about window / block size + 1 per query block) and
+    generates a flash-style kernel for it. Fast only under torch.compile; outside it, flex_attention
+    falls back to a reference that builds the (T x T) scores."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    T = q.size(2)
+    visible = lambda b, h, t, s: (s <= t) & (t - s < window)
+    return flex_attention(q, k, v, block_mask=create_block_mask(visible, None, None, T, T, device=q.device))
 
 
 def _heads(x, n_head):
@@ -589,10 +606,16 @@ class BLaLM(nn.Module):
             x = block(x, cache["layers"][l] if cache is not None else None)
         if cache is not None:
             cache["pos"] = pos0 + T
+        if targets is None:
+            return self.lm_head(self.transformer.ln_f(x)), None
+        return self.logits_and_loss(x, targets)
+
+    def logits_and_loss(self, x, targets):
+        """The output head and the mean cross-entropy over targets != -1, in float32. compile_blocks compiles
+        this too: the float32 cast then fuses into the softmax instead of writing a float32 copy of the
+        (B, T, vocab) logits and reading it back in forward and backward."""
         logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -619,9 +642,11 @@ class BLaLM(nn.Module):
 
     def compile_blocks(self, **kwargs):
         """torch.compile each residual block ("regional compilation"): the blocks have the same code and
-        shapes, so they share one compiled graph and compile time does not grow with depth."""
+        shapes, so they share one compiled graph and compile time does not grow with depth. The output head
+        with the loss (logits_and_loss) is compiled as a region of its own."""
         for block in self.transformer.h:
             block.compile(**kwargs)
+        self.logits_and_loss = torch.compile(self.logits_and_loss, **kwargs)
         return self
 
     def num_params(self, non_embedding=True):
