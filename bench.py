@@ -11,8 +11,8 @@ kernels  forward+backward of the sequence mixers at a fixed B*T tokens, 12 heads
 train    tokens/s and MFU of one training step (forward, backward, optimizer) for BLaLM and the softmax
          baseline of the same width and depth, compiled, bfloat16
 decode   per-token latency and memory of decoding after a context of 256 .. 16k tokens
-optim    Muon and AdamW step time, as a fraction of the training step: timed alone, and as what the step
-         adds to forward + backward
+optim    Muon and AdamW step time, as a fraction of the training step: wall time alone, and the GPU time
+         of its kernels
 
 On a CPU every suite runs tiny sizes (a smoke test, not a measurement). Compare numbers only within
 one run on one card: every table names the device it ran on.
@@ -67,6 +67,17 @@ def timed(fn, repeat, device):
             times.append(1000 * (time.perf_counter() - t))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
     return sorted(times)[len(times) // 2], peak, first
+
+
+def kernel_ms(fn):
+    """Milliseconds the GPU spends in the kernels (and copies) that one call of fn launches, by the profiler:
+    busy time only, not the gaps where the GPU waits for launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1000
 
 
 def device_name(device):
@@ -184,22 +195,17 @@ def bench_train(c, device, gpu, with_optim=False):
             row = dict(T=T, model=name, params=model.num_params(), tok_s=tok_s, mfu=mfu, step_ms=ms,
                        peak_mib=peak, compile_s=first)
             if with_optim:
-                # two measures of what the optimizer costs: its step timed alone (launch-bound at this size: the
-                # GPU waits for Python), and what it adds to a training step, where its launches overlap the
-                # backward pass still running on the GPU: (forward, backward, step) - (forward, backward)
+                # two measures of what an optimizer step costs: its wall time alone (launch-bound at this size: the
+                # GPU waits for Python to launch ~100 small kernels), and the GPU time of its kernels alone (what it
+                # costs where its launches overlap the backward pass still running on the GPU)
                 saved = [p.detach().clone() for p in model.parameters()]
-                fb_ms, _, _ = timed(lambda: (fwd_bwd(), model.zero_grad(set_to_none=True)), c.repeat, device)
-                row["fwd_bwd_ms"] = fb_ms
                 fwd_bwd()  # gradients in place, then time the optimizers alone
                 for oname, opt in opts.items():
                     oms, _, _ = timed(lambda: opt.step(), c.repeat, device)
-                    row[f"{oname}_alone_ms"] = oms
-                    row[f"{oname}_alone_fraction"] = oms / ms
-                model.zero_grad(set_to_none=True)
-                for oname, opt in opts.items():
-                    sms, _, _ = timed(lambda: step(opt), c.repeat, device)
-                    row[f"{oname}_added_ms"] = sms - fb_ms
-                    row[f"{oname}_added_fraction"] = (sms - fb_ms) / sms
+                    row[f"{oname}_ms"], row[f"{oname}_fraction"] = oms, oms / ms
+                    if gpu:
+                        row[f"{oname}_kernels_ms"] = kernel_ms(opt.step)
+                        row[f"{oname}_kernels_fraction"] = row[f"{oname}_kernels_ms"] / ms
                 with torch.no_grad():
                     for p, s in zip(model.parameters(), saved):
                         p.copy_(s)

@@ -190,8 +190,8 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     num = num + inter[..., None] * (q.to(dt) @ C_in)
     den = torch.maximum((den + inter * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
     h = (num / den[..., None]).reshape(B, NH, NC * L, DV)[:, :, :T].to(in_dtype)
-    if return_state:
-        return h, (C_end[:, :, -1], n_end[:, :, -1], m_end[:, :, -1])
+    if return_state:  # copies: a slice would keep every chunk's state (NC x DQK x DV) alive
+        return h, tuple(x[:, :, -1].clone() for x in (C_end, n_end, m_end))
     return h
 
 
@@ -319,7 +319,7 @@ class CausalSelfAttention(nn.Module):
         else:  # key/value cache: grows with the context
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            cache["k"], cache["v"] = k.contiguous(), v.contiguous()  # the prompt's: copies, not views of c_attn(x)
             T, S = q.size(2), k.size(2)
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -415,7 +415,7 @@ class MLSTMLayer(nn.Module):
                 past = qkv.new_zeros(B, self.K - 1, 3 * C)
             u = torch.cat([past, qkv], dim=1)                                        # (B, K-1+T, 3C)
             if cache is not None:
-                cache["conv"] = u[:, u.size(1) - (self.K - 1):]
+                cache["conv"] = u[:, u.size(1) - (self.K - 1):].clone()                # not a view of all of u
             w = self.conv.weight[:, 0, :].to(qkv.dtype)                              # (3C, K)
             qkv = self.conv.bias.to(qkv.dtype) + sum(u[:, j:j + T] * w[:, j] for j in range(self.K))
         q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
@@ -456,7 +456,7 @@ class MLSTMLayer(nn.Module):
                 s = torch.arange(S, device=x.device)[None, :]
                 mask = (s <= t) & (t - s < self.window)
                 y = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask)
-                cache["k"], cache["v"] = kr[:, :, -(self.window - 1):], vv[:, :, -(self.window - 1):]
+                cache["k"], cache["v"] = kr[:, :, -(self.window - 1):].clone(), vv[:, :, -(self.window - 1):].clone()
                 cache["pos"] = pos0 + T
             if self.modulation:
                 g = torch.sigmoid(self.mod_gate(x)).transpose(1, 2)[..., None]      # (B, NH, T, 1)

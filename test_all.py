@@ -4,6 +4,7 @@ Grouped by file in the order of the design: blalm.py, hedgehog.py, muon.py, data
 bench.py, notebooks. Each test's name states the property it proves."""
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -439,6 +440,40 @@ def test_mlstm_decoding_memory_does_not_grow_with_context():
             model(torch.randint(0, 61, (1, 1)), cache=cache)
             sizes.append(cache_numel(cache))
     assert len(set(sizes)) == 1, f"cache size changed: {sorted(set(sizes))}"
+
+
+@pytest.mark.parametrize("T, window", [(50, 8), (64, 16), (7, 16)])
+def test_sliding_window_attention_both_paths_match_the_banded_softmax_float64(T, window):
+    # reference: the definition written plainly, a (T x T) softmax where query t sees keys t-window+1..t
+    g = torch.Generator().manual_seed(T + window)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.arange(T)
+    band = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)
+    scores = (q @ k.mT / math.sqrt(8)).masked_fill(~band, float("-inf"))
+    ref = torch.softmax(scores, dim=-1) @ v
+    blocked = blalm.sliding_window_attention(q, k, v, window)                # the blocked SDPA (CPU, eager)
+    with warnings.catch_warnings():  # eager flex_attention warns that it is the unfused reference
+        warnings.simplefilter("ignore")
+        flex = blalm.sliding_window_attention_flex(q, k, v, window)          # the mask rule used under compile
+    assert (blocked - ref).abs().max() < 1e-12
+    assert (flex - ref).abs().max() < 1e-12
+
+
+def test_cache_after_a_long_prompt_holds_no_view_into_the_prompts_activations():
+    # a slice of a big tensor keeps all of its storage alive: a cache that stores views of the prompt's
+    # projections or per-chunk states holds memory that grows with the prompt, whatever its own size
+    torch.manual_seed(0)
+    for cfg in (dict(swa_window=8), dict(mixer="attn", bias=True), dict(mixer="hedgehog")):
+        model = BLaLM(BLaLMConfig(**{**TINY, "block_size": 256}, **cfg)).eval()
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(torch.randint(0, 61, (1, 200)), cache=cache)
+        for layer in cache["layers"]:
+            for key, val in layer.items():
+                for t in (val if isinstance(val, tuple) else (val,)):
+                    if torch.is_tensor(t):
+                        held, own = t.untyped_storage().nbytes(), t.numel() * t.element_size()
+                        assert held == own, f"{cfg} cache[{key!r}] holds {held} bytes for {own} of its own"
 
 
 def test_generate_extends_the_prompt_and_greedy_matches_argmax():
