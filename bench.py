@@ -4,7 +4,7 @@ Performance benchmarks: a table on stdout and the numbers in JSON.
     python bench.py [--suite=kernels|train|decode|optim|all] [--device=auto] [--json=FILE]
 
 kernels  forward+backward of the sequence mixers at a fixed B*T tokens, 12 heads of 64, bfloat16:
-         SDPA causal (flash), sliding-window attention (blocked SDPA eager; flex_attention compiled), the
+         SDPA causal (flash), sliding-window attention (blocked SDPA, flex_attention), the
          mLSTM parallel (where it fits), chunkwise eager and compiled (and with the Triton intra-chunk
          kernel, eager and compiled, when triton is installed), Hedgehog linear attention compiled;
          median ms, peak memory, compile time (every length compiled afresh)
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blalm import BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, sliding_window_attention
+from blalm import (BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, sliding_window_attention,
+                   sliding_window_attention_flex)
 
 
 @dataclass
@@ -106,7 +107,8 @@ def bench_kernels(c, device, gpu):
         torch.compiler.reset()  # nothing compiled for one length or mixer is reused, or guarded against, by another
         chunk_c, chunk_triton_c = compile(mlstm_chunkwise), compile(chunk_triton)
         hedgehog_c = compile(lambda q, k, v: linear_attention_chunkwise(fq(q), fk(k), v))
-        swa_c = compile(lambda q, k, v: sliding_window_attention(q, k, v, c.window))  # flex_attention when compiled
+        swa_c = compile(lambda q, k, v: sliding_window_attention(q, k, v, c.window))
+        swa_flex_c = compile(lambda q, k, v: sliding_window_attention_flex(q, k, v, c.window))
         B = max(1, tokens // T)
         g = torch.Generator(device=device).manual_seed(0)
         rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, device=device)).to(dtype).requires_grad_()
@@ -116,12 +118,14 @@ def bench_kernels(c, device, gpu):
         mixers = {
             "sdpa causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             f"swa w={c.window} blocked sdpa eager": lambda: sliding_window_attention(q, k, v, c.window),
-            f"swa w={c.window} {'flex_attention compiled' if gpu else tag}": lambda: swa_c(q, k, v),
+            f"swa w={c.window} blocked sdpa {tag}": lambda: swa_c(q, k, v),
             "mlstm parallel": lambda: mlstm_parallel(q, k, v, i, f),
             "mlstm chunkwise eager": lambda: mlstm_chunkwise(q, k, v, i, f),
             f"mlstm chunkwise {tag}": lambda: chunk_c(q, k, v, i, f),
             f"hedgehog linear attn {tag}": lambda: hedgehog_c(q, k, v),
         }
+        if gpu:  # flex_attention has no backward on the CPU
+            mixers[f"swa w={c.window} flex_attention {tag}"] = lambda: swa_flex_c(q, k, v)
         if with_triton:
             mixers["mlstm chunkwise triton"] = lambda: chunk_triton(q, k, v, i, f)
             mixers["mlstm chunkwise triton compiled"] = lambda: chunk_triton_c(q, k, v, i, f)

@@ -251,12 +251,7 @@ def sliding_window_attention(q, k, v, window):
 
     The sequence is cut into blocks of `window` queries; each block attends to its own keys and the
     previous block's (2 * window keys) under a banded mask, so no (T x T) matrix is ever built.
-    Inside a torch.compile'd graph on a GPU the same attention runs as one fused flex_attention kernel
-    (sliding_window_attention_flex): the masked SDPA above has no flash kernel and was the step's
-    largest cost after the mLSTM (bench.py). Only for a static length: flex_attention's block mask cannot
-    be built for a symbolic one (torch.compile marks T dynamic once it has seen two lengths)."""
-    if q.is_cuda and torch.compiler.is_compiling() and isinstance(q.size(2), int):
-        return sliding_window_attention_flex(q, k, v, window)
+    A masked SDPA has no flash kernel: compiled training on a GPU uses sliding_window_attention_flex."""
     B, NH, T, D = q.shape
     W = window
     NB = (T + W - 1) // W
@@ -278,8 +273,11 @@ def sliding_window_attention(q, k, v, window):
 def sliding_window_attention_flex(q, k, v, window):
     """The same attention through flex_attention: the mask is a rule on (query t, key s), from which
     flex_attention derives which key blocks to visit (about window / block size + 1 per query block) and
-    generates a flash-style kernel for it. Fast only under torch.compile; outside it, flex_attention
-    falls back to a reference that builds the (T x T) scores."""
+    generates a flash-style kernel for it. Fast only under torch.compile (5x the blocked SDPA, bench.py);
+    outside it, flex_attention falls back to a reference that builds the (T x T) scores. T must be static
+    in the compiled graph: the block mask cannot be built for a symbolic length (inductor fails with
+    CantSplit), and torch.compile makes T symbolic once a frame has seen two lengths -- BLaLM.forward
+    therefore marks the length static in training, the only place MLSTMLayer uses this."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     T = q.size(2)
     visible = lambda b, h, t, s: (s <= t) & (t - s < window)
@@ -444,8 +442,9 @@ class MLSTMLayer(nn.Module):
             pos0 = cache.get("pos", 0) if cache is not None else 0
             pos = torch.arange(pos0, pos0 + T, device=x.device)
             qr, kr = rotary(q, pos), rotary(k, pos)
-            if cache is None:
-                y = sliding_window_attention(qr, kr, v, self.window)
+            if cache is None:  # flex_attention: compiled training on a GPU, where the length is static
+                flex = self.training and x.is_cuda and torch.compiler.is_compiling()
+                y = (sliding_window_attention_flex if flex else sliding_window_attention)(qr, kr, v, self.window)
             else:  # keep the last window-1 keys/values: memory does not grow with the context
                 if "k" in cache:
                     kr, vv = torch.cat([cache["k"], kr], 2), torch.cat([cache["v"], v], 2)
@@ -603,6 +602,8 @@ class BLaLM(nn.Module):
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
         x = self.transformer.drop(x)
         for l, block in enumerate(self.transformer.h):
+            if self.training:  # the training length is fixed: compiled blocks keep it static (see MLSTMLayer's SWA)
+                torch._dynamo.mark_static(x, 1)  # even after evaluation at other lengths made it dynamic
             x = block(x, cache["layers"][l] if cache is not None else None)
         if cache is not None:
             cache["pos"] = pos0 + T

@@ -459,6 +459,36 @@ def test_sliding_window_attention_both_paths_match_the_banded_softmax_float64(T,
     assert (flex - ref).abs().max() < 1e-12
 
 
+def test_compiled_blocks_keep_the_training_length_static_after_evaluation_at_other_lengths():
+    # flex_attention (the SWA branch of compiled GPU training) cannot take a symbolic length; torch.compile makes a
+    # length symbolic once it has seen two, e.g. minimal pairs scored between training steps. Record the graphs.
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm.forward
+
+    def symbolic(graph):  # a symbolic size as an input of its own, or in a tensor's shape
+        return any(isinstance(v, torch.SymInt) or (torch.is_tensor(v) and any(isinstance(d, torch.SymInt)
+                                                                               for d in v.shape)) for v in graph)
+
+    torch._dynamo.reset()
+    model = BLaLM(BLaLMConfig(**TINY, swa_window=4, chunk_size=4)).compile_blocks(backend=record)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for T in (10, 12):  # the second length makes the blocks' graph dynamic in T
+                model(torch.randint(0, 61, (2, T)))
+        assert symbolic(graphs[-1]), "two lengths did not make the graph dynamic: the test would prove nothing"
+        model.train()
+        graphs.clear()
+        idx = torch.randint(0, 61, (2, 24))
+        model(idx, idx)[1].backward()
+        assert graphs and not any(symbolic(g) for g in graphs)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_cache_after_a_long_prompt_holds_no_view_into_the_prompts_activations():
     # a slice of a big tensor keeps all of its storage alive: a cache that stores views of the prompt's
     # projections or per-chunk states holds memory that grows with the prompt, whatever its own size
