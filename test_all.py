@@ -424,9 +424,14 @@ def test_mlstm_forms_give_the_same_model_output():
     assert rel_err(outs["recurrent"], outs["chunkwise"]) < 1e-12
 
 
+def cache_tensors(cache):
+    """(key, tensor) for every tensor a decoding cache holds, per layer (a state tuple gives several)."""
+    return [(key, t) for layer in cache["layers"] for key, v in layer.items()
+            for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+
+
 def cache_numel(cache):
-    return sum(t.numel() for layer in cache["layers"] for v in layer.values()
-               for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
+    return sum(t.numel() for _, t in cache_tensors(cache))
 
 
 def test_mlstm_decoding_memory_does_not_grow_with_context():
@@ -498,12 +503,9 @@ def test_cache_after_a_long_prompt_holds_no_view_into_the_prompts_activations():
         cache = model.new_cache()
         with torch.no_grad():
             model(torch.randint(0, 61, (1, 200)), cache=cache)
-        for layer in cache["layers"]:
-            for key, val in layer.items():
-                for t in (val if isinstance(val, tuple) else (val,)):
-                    if torch.is_tensor(t):
-                        held, own = t.untyped_storage().nbytes(), t.numel() * t.element_size()
-                        assert held == own, f"{cfg} cache[{key!r}] holds {held} bytes for {own} of its own"
+        for key, t in cache_tensors(cache):
+            held, own = t.untyped_storage().nbytes(), t.numel() * t.element_size()
+            assert held == own, f"{cfg} cache[{key!r}] holds {held} bytes for {own} of its own"
 
 
 def test_generate_extends_the_prompt_and_greedy_matches_argmax():
