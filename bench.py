@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common import device_peak_flops, parse_args, pick_device, run_cli, write_json
+from hedgehog import HedgehogFeatureMap, linear_attention_chunkwise
+from muon import configure_optimizers
 from blalm import (BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, sliding_window_attention,
                    sliding_window_attention_flex)
 
@@ -82,14 +85,15 @@ def kernel_ms(fn):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} threads)"
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} logical cores, torch on {torch.get_num_threads()} threads)"
 
 
 # -----------------------------------------------------------------------------
 
 
 def bench_kernels(c, device, gpu):
-    from hedgehog import HedgehogFeatureMap, linear_attention_chunkwise
     NH, D = (12, 64) if gpu else (2, 16)
     tokens = c.tokens if gpu else 1024
     lengths = [int(t) for t in c.lengths.split(",")] if gpu else [128, 512]
@@ -101,7 +105,6 @@ def bench_kernels(c, device, gpu):
     with_triton = gpu and importlib.util.find_spec("triton") is not None
     chunk_triton = lambda q, k, v, i, f: mlstm_chunkwise(q, k, v, i, f, kernel="triton")
     fq, fk = HedgehogFeatureMap(D, NH).to(device), HedgehogFeatureMap(D, NH).to(device)
-    tag = "compiled" if gpu else "eager on cpu"
     rows = []
     for T in lengths:
         torch.compiler.reset()  # nothing compiled for one length or mixer is reused, or guarded against, by another
@@ -118,14 +121,14 @@ def bench_kernels(c, device, gpu):
         mixers = {
             "sdpa causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             f"swa w={c.window} blocked sdpa eager": lambda: sliding_window_attention(q, k, v, c.window),
-            f"swa w={c.window} blocked sdpa {tag}": lambda: swa_c(q, k, v),
             "mlstm parallel": lambda: mlstm_parallel(q, k, v, i, f),
             "mlstm chunkwise eager": lambda: mlstm_chunkwise(q, k, v, i, f),
-            f"mlstm chunkwise {tag}": lambda: chunk_c(q, k, v, i, f),
-            f"hedgehog linear attn {tag}": lambda: hedgehog_c(q, k, v),
+            "hedgehog linear attn" + (" compiled" if gpu else ""): lambda: hedgehog_c(q, k, v),
         }
-        if gpu:  # flex_attention has no backward on the CPU
-            mixers[f"swa w={c.window} flex_attention {tag}"] = lambda: swa_flex_c(q, k, v)
+        if gpu:  # the compiled rows (on the CPU the same eager functions: no rows of their own); flex has no CPU backward
+            mixers[f"swa w={c.window} blocked sdpa compiled"] = lambda: swa_c(q, k, v)
+            mixers["mlstm chunkwise compiled"] = lambda: chunk_c(q, k, v, i, f)
+            mixers[f"swa w={c.window} flex_attention compiled"] = lambda: swa_flex_c(q, k, v)
         if with_triton:
             mixers["mlstm chunkwise triton"] = lambda: chunk_triton(q, k, v, i, f)
             mixers["mlstm chunkwise triton compiled"] = lambda: chunk_triton_c(q, k, v, i, f)
@@ -163,8 +166,6 @@ def model_pair(gpu, T):
 
 
 def bench_train(c, device, gpu, with_optim=False):
-    from muon import configure_optimizers
-    from train import device_peak_flops
     rows = []
     peak_flops = device_peak_flops(device)
     for T in ([512, 2048] if gpu else [64]):
@@ -238,8 +239,7 @@ def bench_decode(c, device, gpu):
             tok = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
             base = torch.cuda.memory_allocated() if gpu else 0
             ms, peak, _ = timed(lambda: model(tok, cache=cache), n_new, device)
-            state_mib = sum(t.numel() * t.element_size() for layer in cache["layers"] for v in layer.values()
-                            for t in (v if isinstance(v, tuple) else (v,)) if torch.is_tensor(t)) / 2**20
+            state_mib = cache.nbytes() / 2**20
             rows.append(dict(model=name, context=ctx, ms_per_token=ms, cache_mib=state_mib,
                              allocated_mib=base / 2**20 if gpu else None))
         del model
@@ -258,13 +258,12 @@ def print_table(title, rows):
 
 
 def main(argv):
-    from train import parse_args
     c = parse_args(argv, BenchConfig, doc=__doc__)
     suites = ["kernels", "train", "decode", "optim"] if c.suite == "all" else [c.suite]
     for s in suites:
         if s not in ("kernels", "train", "decode", "optim"):
             raise ValueError(f"--suite={c.suite!r} is not one of kernels, train, decode, optim, all")
-    device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(c.device)
     gpu = device.startswith("cuda")
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -284,13 +283,9 @@ def main(argv):
         print_table(f"{s} ({results['device']})", results[s])
         sys.stdout.flush()
         if c.json:  # after every suite, so that a run cut short keeps what it measured
-            tmp = c.json + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(results, fh, indent=1)
-            os.replace(tmp, c.json)
+            write_json(results, c.json)
     return results
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main)

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hedgehog import HedgehogFeatureMap, acc_dtype, causal_mask, linear_attention_chunkwise, linear_attention_step
+
 # -----------------------------------------------------------------------------
 # 1. The mLSTM, three ways
 #
@@ -40,12 +42,16 @@ import torch.nn.functional as F
 # same m_t and therefore the same h_t, eps included, which is what lets a test demand 1e-10.
 # m_t is a numerical device, not part of the model: its gradient is not propagated (it would only
 # carry the tiny eps term), in every form alike.
+#
+# One name per quantity in every form (and in mlstm_triton.py):
+#   lf        log sigmoid(f), the log forget gates                       (B, NH, T)
+#   logA, A   log and value of the stabilised gate matrix exp(F[t,s] + i_s - m_t)
+#   S, P      the scores q_t . k_s and the stabilised weights P = S * A  (w' above)
+#   m         the stabiliser; log_init the log-weight of the initial (or entering) state at t
+#   num, den  sum_s P[t,s] v_s and max(|sum_s P[t,s]|, exp(-m_t)) + eps: h = num / den
+#   (C, n, m) the state: C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH); C0, n0, m0 the initial one
+# The state and all gate arithmetic are float32 at least (acc_dtype; float64 stays float64).
 # -----------------------------------------------------------------------------
-
-
-def _state_dtype(dtype):
-    """The state and all gate arithmetic are float32 at least (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def segsum(x):
@@ -55,11 +61,9 @@ def segsum(x):
     log forget gates do not cancel catastrophically."""
     T = x.size(-1)
     xx = x[..., :, None].expand(*x.shape, T)                                     # xx[r, s] = x_r
-    strictly_below = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)
-    xx = xx.masked_fill(~strictly_below, 0.0)                                    # keep r > s
-    S = torch.cumsum(xx, dim=-2)                                                 # S[t, s] = sum_{s<r<=t}
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return S.masked_fill(~causal, float("-inf"))
+    xx = xx.masked_fill(~causal_mask(T, x.device, diagonal=-1), 0.0)             # keep r > s
+    sums = torch.cumsum(xx, dim=-2)                                              # [t, s] = sum_{s<r<=t}
+    return sums.masked_fill(~causal_mask(T, x.device), float("-inf"))
 
 
 def _zero_state(B, NH, DQK, DV, dtype, device):
@@ -69,27 +73,28 @@ def _zero_state(B, NH, DQK, DV, dtype, device):
 
 
 def mlstm_parallel(q, k, v, i, f, eps=1e-6):
-    """The quadratic form: the readable reference. O(T^2) memory.
-    q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i, f: (B, NH, T) gate pre-activations."""
+    """The quadratic form from the zero state: the readable reference. O(T^2) memory.
+    q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i, f: (B, NH, T) gate pre-activations -> h (B, NH, T, DV)."""
     in_dtype = v.dtype
-    dt = _state_dtype(q.dtype)
+    dt = acc_dtype(q.dtype)
     DQK = q.size(-1)
     q, k, v = q.to(dt) / math.sqrt(DQK), k.to(dt), v.to(dt)
     lf = F.logsigmoid(f.to(dt))                                       # (B, NH, T)
-    logD = segsum(lf) + i.to(dt)[..., None, :]                        # (B, NH, T, T): F[t,s] + i_s
-    m0 = torch.cumsum(lf, dim=-1)                                     # the zero initial state (m = 0), decayed
-    m = torch.maximum(m0, logD.amax(dim=-1)).detach()                 # (B, NH, T)
-    S = (q @ k.transpose(-2, -1)) * torch.exp(logD - m[..., None])    # w'[t, s]
-    n = torch.maximum(S.sum(dim=-1).abs(), torch.exp(-m)) + eps       # (B, NH, T)
-    h = (S @ v) / n[..., None]
-    return h.to(in_dtype)
+    logA = segsum(lf) + i.to(dt)[..., None, :]                        # (B, NH, T, T): F[t,s] + i_s, unstabilised
+    log_init = torch.cumsum(lf, dim=-1)                               # the zero initial state (m = 0), decayed
+    m = torch.maximum(log_init, logA.amax(dim=-1)).detach()           # (B, NH, T)
+    P = (q @ k.transpose(-2, -1)) * torch.exp(logA - m[..., None])    # S * A = w'[t, s]
+    num = P @ v                                                       # (B, NH, T, DV)
+    den = torch.maximum(P.sum(dim=-1).abs(), torch.exp(-m)) + eps     # (B, NH, T)
+    return (num / den[..., None]).to(in_dtype)
 
 
 def mlstm_step(q, k, v, i, f, state=None, eps=1e-6):
     """One time step of the recurrence (what generation uses).
-    q, k: (B, NH, DQK); v: (B, NH, DV); i, f: (B, NH); state (C, n, m) or None (zero state)."""
+    q, k: (B, NH, DQK); v: (B, NH, DV); i, f: (B, NH); state (C, n, m) or None (zero state)
+    -> h (B, NH, DV), the new state."""
     in_dtype = v.dtype
-    dt = _state_dtype(q.dtype)
+    dt = acc_dtype(q.dtype)
     B, NH, DQK = q.shape
     if state is None:
         state = _zero_state(B, NH, DQK, v.size(-1), dt, q.device)
@@ -108,7 +113,9 @@ def mlstm_step(q, k, v, i, f, state=None, eps=1e-6):
 
 
 def mlstm_recurrent(q, k, v, i, f, state=None, return_state=False, eps=1e-6):
-    """The recurrent form: mlstm_step over t = 0..T-1. O(1) memory per step, slow in Python."""
+    """The recurrent form: mlstm_step over t = 0..T-1. O(1) memory per step, slow in Python.
+    q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i, f: (B, NH, T); state (C, n, m) or None (zero state)
+    -> h (B, NH, T, DV), and the final state when return_state."""
     hs = []
     for t in range(q.size(2)):
         h, state = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps)
@@ -119,6 +126,8 @@ def mlstm_recurrent(q, k, v, i, f, state=None, return_state=False, eps=1e-6):
 
 def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False, eps=1e-6, kernel="torch"):
     """Parallel inside chunks of L = chunk_size tokens, recurrent across chunks. Memory O(T * L).
+    q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i, f: (B, NH, T); state (C, n, m) or None (zero state)
+    -> h (B, NH, T, DV), and the final state when return_state. Any T: the last chunk is padded.
 
     The states entering all chunks are computed at once, without a Python loop: each chunk c first
     summarises its own tokens into a local state U_c (stabilised by its own maximum M_c); the state
@@ -140,7 +149,7 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     if kernel == "triton":  # imported only when asked for: triton is optional
         from mlstm_triton import intra_chunk
     in_dtype = v.dtype
-    dt = _state_dtype(q.dtype)
+    dt = acc_dtype(q.dtype)
     B, NH, T, DQK = q.shape
     DV = v.size(-1)
     L = chunk_size
@@ -169,10 +178,10 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
 
     # (b) state at the end of every chunk: a parallel form over chunks
     logW = segsum(g) + M[..., None, :]                                # (B, NH, NC, NC): chunk c' seen from c
-    G = torch.cumsum(g, dim=-1) + m0[..., None]                       # the initial state seen from c
-    m_end = torch.maximum(G, logW.amax(dim=-1)).detach()              # (B, NH, NC)
+    log_init_end = torch.cumsum(g, dim=-1) + m0[..., None]            # the initial state seen from c's end
+    m_end = torch.maximum(log_init_end, logW.amax(dim=-1)).detach()   # (B, NH, NC)
     W = torch.exp(logW - m_end[..., None])
-    g0 = torch.exp(G - m_end)
+    g0 = torch.exp(log_init_end - m_end)
     C_end = g0[..., None, None] * C0[:, :, None] + torch.einsum("bhcx,bhxde->bhcde", W, U)
     n_end = g0[..., None] * n0[:, :, None] + torch.einsum("bhcx,bhxd->bhcd", W, u)
     # the state entering chunk c is the one that left chunk c-1 (the initial state for c = 0)
@@ -183,12 +192,12 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     # (c) outputs: the parallel form inside each chunk plus the entering state. Token s of the chunk
     # reaches t with log-weight b_t - b_s + i_s, so a row's largest is b_t + max_{s<=t}(i_s - b_s): a
     # running maximum, no L x L matrix needed.
-    inter = b + m_in[..., None]                                       # log-weight of the entering state at t
-    m = torch.maximum(inter, b + torch.cummax(i - b, dim=-1).values).detach()   # (B, NH, NC, L)
+    log_init = b + m_in[..., None]                                    # log-weight of the entering state at t
+    m = torch.maximum(log_init, b + torch.cummax(i - b, dim=-1).values).detach()   # (B, NH, NC, L)
     num, den = intra_chunk(q, k, v, b, i, m)                          # (B, NH, NC, L, DV), (B, NH, NC, L)
-    inter = torch.exp(inter - m)
-    num = num + inter[..., None] * (q.to(dt) @ C_in)
-    den = torch.maximum((den + inter * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
+    init = torch.exp(log_init - m)
+    num = num + init[..., None] * (q.to(dt) @ C_in)
+    den = torch.maximum((den + init * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
     h = (num / den[..., None]).reshape(B, NH, NC * L, DV)[:, :, :T].to(in_dtype)
     if return_state:  # copies: a slice would keep every chunk's state (NC x DQK x DV) alive
         return h, tuple(x[:, :, -1].clone() for x in (C_end, n_end, m_end))
@@ -200,8 +209,8 @@ def _intra_chunk_torch(q, k, v, b, i, m):
     returns num = P @ v (B, NH, NC, L, DV) and den = P.sum(-1) (B, NH, NC, L), in b's dtype.
     (mlstm_triton.intra_chunk computes the same without writing the L x L matrices to memory.)"""
     L = b.size(-1)
-    causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
-    logA = (b[..., :, None] - b[..., None, :] + i[..., None, :] - m[..., None]).masked_fill(~causal, float("-inf"))
+    logA = (b[..., :, None] - b[..., None, :] + i[..., None, :] - m[..., None]).masked_fill(~causal_mask(L, b.device),
+                                                                                            float("-inf"))
     # scores in float32 (as the Triton kernel keeps them): den sums them with signs, and where that sum
     # cancels, scores rounded to bfloat16 cost ~10x the error of the rounded inputs alone
     P = (q.to(b.dtype) @ k.to(b.dtype).transpose(-2, -1)) * torch.exp(logA)   # (B, NH, NC, L, L)
@@ -276,8 +285,8 @@ def sliding_window_attention_flex(q, k, v, window):
     generates a flash-style kernel for it. Fast only under torch.compile (5x the blocked SDPA, bench.py);
     outside it, flex_attention falls back to a reference that builds the (T x T) scores. T must be static
     in the compiled graph: the block mask cannot be built for a symbolic length (inductor fails with
-    CantSplit), and torch.compile makes T symbolic once a frame has seen two lengths -- BLaLM.forward
-    therefore marks the length static in training, the only place MLSTMLayer uses this."""
+    CantSplit), and torch.compile makes T symbolic once a frame has seen two lengths -- hence
+    BLaLM.compile_blocks compiles with static shapes, for training only, the only place MLSTMLayer uses this."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     T = q.size(2)
     visible = lambda b, h, t, s: (s <= t) & (t - s < window)
@@ -309,17 +318,17 @@ class CausalSelfAttention(nn.Module):
     def qkv(self, x):
         return [_heads(t, self.n_head) for t in self.c_attn(x).split(x.size(-1), dim=2)]
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, pos=0):
         q, k, v = self.qkv(x)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # key/value cache: grows with the context
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k.contiguous(), v.contiguous()  # the prompt's: copies, not views of c_attn(x)
+            if cache.k is not None:
+                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            cache.k, cache.v = k.contiguous(), v.contiguous()  # the prompt's: copies, not views of c_attn(x)
             T, S = q.size(2), k.size(2)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)   # query t is token S - T + t
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(_merge(y))
 
@@ -331,25 +340,22 @@ class HedgehogAttention(CausalSelfAttention):
 
     def __init__(self, config):
         super().__init__(config)
-        # hedgehog.py imports this file, so import it late, once, here rather than in every forward
-        from hedgehog import HedgehogFeatureMap, linear_attention_chunkwise, linear_attention_step
-        self.chunkwise, self.step = linear_attention_chunkwise, linear_attention_step
         D = config.n_embd // config.n_head
         self.fmap_q = HedgehogFeatureMap(D, config.n_head)
         self.fmap_k = HedgehogFeatureMap(D, config.n_head)
         self.chunk_size = config.chunk_size
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, pos=0):
         q, k, v = self.qkv(x)
         q, k = self.fmap_q(q), self.fmap_k(k)
         if cache is None:
-            y = self.chunkwise(q, k, v, chunk_size=self.chunk_size)
+            y = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size)
         elif x.size(1) == 1:
-            y, cache["state"] = self.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.get("state"))
+            y, cache.state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.state)
             y = y[:, :, None]
         else:
-            y, cache["state"] = self.chunkwise(q, k, v, chunk_size=self.chunk_size,
-                                               state=cache.get("state"), return_state=True)
+            y, cache.state = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size,
+                                                        state=cache.state, return_state=True)
         return self.c_proj(_merge(y))
 
 
@@ -389,7 +395,6 @@ class MLSTMLayer(nn.Module):
             self.mod_gate = nn.Linear(C, NH, bias=True)
         self.modulation = config.modulation
         if config.feature_map == "hedgehog":
-            from hedgehog import HedgehogFeatureMap
             self.fmap_q, self.fmap_k = HedgehogFeatureMap(self.D, NH), HedgehogFeatureMap(self.D, NH)
         self.feature_map = config.feature_map
         self.init_gates()
@@ -404,59 +409,19 @@ class MLSTMLayer(nn.Module):
     def _cap(self, x):
         return self.softcap * torch.tanh(x / self.softcap) if self.softcap else x
 
-    def forward(self, x, cache=None):
-        B, T, C = x.shape
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)   # (B, T, 3C)
-        if self.K:  # causal depthwise conv: y_t = bias + sum_j w_j x_{t-K+1+j}, as K shifted multiply-adds
-            past = cache.get("conv") if cache is not None else None               # the last K-1 inputs
-            if past is None:
-                past = qkv.new_zeros(B, self.K - 1, 3 * C)
-            u = torch.cat([past, qkv], dim=1)                                        # (B, K-1+T, 3C)
-            if cache is not None:
-                cache["conv"] = u[:, u.size(1) - (self.K - 1):].clone()                # not a view of all of u
-            w = self.conv.weight[:, 0, :].to(qkv.dtype)                              # (3C, K)
-            qkv = self.conv.bias.to(qkv.dtype) + sum(u[:, j:j + T] * w[:, j] for j in range(self.K))
+    def forward(self, x, cache=None, pos=0):
+        """x (B, T, C) -> (B, T, C). With a LayerCache the tokens continue the sequence it has seen, the
+        first of them at position pos."""
+        C = x.size(-1)
+        qkv = self.short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), cache)
         q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
         i = self._cap(self.i_gate(x)).transpose(1, 2)                               # (B, NH, T)
         f = self._cap(self.f_gate(x)).transpose(1, 2)
         qm, km = (self.fmap_q(q), self.fmap_k(k)) if self.feature_map == "hedgehog" else (q, k)
-
-        state = cache.get("mlstm") if cache is not None else None
-        # the mLSTM forms choose their own precision (state, gates and scores in float32); autocast would
-        # run their float32 matrix products in bfloat16
-        with torch.autocast(x.device.type, enabled=False):
-            if cache is not None and T == 1:
-                h, state = mlstm_step(qm[:, :, 0], km[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
-                h = h[:, :, None]
-            elif cache is not None or self.form != "parallel":
-                fn = mlstm_recurrent if self.form == "recurrent" else mlstm_chunkwise
-                kw = {} if self.form == "recurrent" else {"chunk_size": self.chunk_size, "kernel": self.kernel}
-                h, state = fn(qm, km, v, i, f, state=state, return_state=True, **kw)
-            else:
-                h = mlstm_parallel(qm, km, v, i, f)
-        if cache is not None:
-            cache["mlstm"] = state
+        h = self.mlstm(qm, km, v, i, f, cache)
         h = F.layer_norm(h.float(), (self.D,)).to(x.dtype)                          # per-head norm
-
         if self.window:
-            pos0 = cache.get("pos", 0) if cache is not None else 0
-            pos = torch.arange(pos0, pos0 + T, device=x.device)
-            qr, kr = rotary(q, pos), rotary(k, pos)
-            if cache is None:  # flex_attention: compiled training on a GPU, where the length is static
-                flex = self.training and x.is_cuda and torch.compiler.is_compiling()
-                y = (sliding_window_attention_flex if flex else sliding_window_attention)(qr, kr, v, self.window)
-            else:  # keep the last window-1 keys/values: memory does not grow with the context
-                if "k" in cache:
-                    kr, vv = torch.cat([cache["k"], kr], 2), torch.cat([cache["v"], v], 2)
-                else:
-                    vv = v
-                S = kr.size(2)
-                t = torch.arange(S - T, S, device=x.device)[:, None]
-                s = torch.arange(S, device=x.device)[None, :]
-                mask = (s <= t) & (t - s < self.window)
-                y = F.scaled_dot_product_attention(qr, kr, vv, attn_mask=mask)
-                cache["k"], cache["v"] = kr[:, :, -(self.window - 1):].clone(), vv[:, :, -(self.window - 1):].clone()
-                cache["pos"] = pos0 + T
+            y = self.swa(q, k, v, cache, pos)
             if self.modulation:
                 g = torch.sigmoid(self.mod_gate(x)).transpose(1, 2)[..., None]      # (B, NH, T, 1)
                 h = h + g * y
@@ -464,6 +429,57 @@ class MLSTMLayer(nn.Module):
                 h = 0.5 * (h + y)
         y = _merge(h) * self.norm_weight * torch.sigmoid(self.o_gate(x))
         return self.c_proj(y)
+
+    def short_conv(self, qkv, cache):
+        """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j}, as K shifted
+        multiply-adds. The cache keeps the last K-1 inputs."""
+        if not self.K:
+            return qkv
+        B, T, C3 = qkv.shape
+        past = cache.conv if cache is not None and cache.conv is not None else qkv.new_zeros(B, self.K - 1, C3)
+        u = torch.cat([past, qkv], dim=1)                                            # (B, K-1+T, 3C)
+        if cache is not None:
+            cache.conv = u[:, u.size(1) - (self.K - 1):].clone()                     # not a view of all of u
+        w = self.conv.weight[:, 0, :].to(qkv.dtype)                                  # (3C, K)
+        return self.conv.bias.to(qkv.dtype) + sum(u[:, j:j + T] * w[:, j] for j in range(self.K))
+
+    def mlstm(self, q, k, v, i, f, cache):
+        """The mLSTM in the configured form; with a cache, continued from and written back to cache.mlstm."""
+        # the mLSTM forms choose their own precision (state, gates and scores in float32); autocast would
+        # run their float32 matrix products in bfloat16
+        with torch.autocast(q.device.type, enabled=False):
+            if cache is None and self.form == "parallel":
+                return mlstm_parallel(q, k, v, i, f)
+            state = cache.mlstm if cache is not None else None
+            if cache is not None and q.size(2) == 1:
+                h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
+                h = h[:, :, None]
+            elif self.form == "recurrent":
+                h, state = mlstm_recurrent(q, k, v, i, f, state=state, return_state=True)
+            else:
+                h, state = mlstm_chunkwise(q, k, v, i, f, chunk_size=self.chunk_size, state=state,
+                                           return_state=True, kernel=self.kernel)
+        if cache is not None:
+            cache.mlstm = state
+        return h
+
+    def swa(self, q, k, v, cache, pos):
+        """Sliding-window softmax attention on rotary q, k at positions pos.. ; the cache keeps the last
+        window-1 keys and values, so decoding memory does not grow with the context."""
+        T = q.size(2)
+        t = torch.arange(pos, pos + T, device=q.device)
+        qr, kr = rotary(q, t), rotary(k, t)
+        if cache is None:  # flex_attention: compiled training on a GPU, where the length is static
+            flex = self.training and q.is_cuda and torch.compiler.is_compiling()
+            return (sliding_window_attention_flex if flex else sliding_window_attention)(qr, kr, v, self.window)
+        if cache.k is not None:
+            kr, v = torch.cat([cache.k, kr], 2), torch.cat([cache.v, v], 2)
+        S = kr.size(2)
+        t, s = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
+        y = F.scaled_dot_product_attention(qr, kr, v, attn_mask=(s <= t) & (t - s < self.window))
+        keep = S - min(S, self.window - 1)
+        cache.k, cache.v = kr[:, :, keep:].clone(), v[:, :, keep:].clone()
+        return y
 
 
 class Block(nn.Module):
@@ -477,9 +493,45 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.mixer(self.ln_1(x), cache)
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.mixer(self.ln_1(x), cache, pos)
         return x + self.mlp(self.ln_2(x))
+
+
+class LayerCache:
+    """One block's decoding state; a field is None until the layer writes it. mlstm: the mLSTM state
+    (C, n, m); conv: the short convolution's last K-1 inputs (B, K-1, 3C); k, v: the SWA branch's last
+    window-1 rotary keys and values (B, NH, <window, D), or for "attn" all keys and values so far; state: the
+    Hedgehog layer's linear-attention state (S, z)."""
+    FIELDS = ("mlstm", "conv", "k", "v", "state")
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, None)
+
+    def tensors(self):
+        """(field, tensor) for every tensor held (a state tuple gives several)."""
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            for t in value if isinstance(value, tuple) else (value,):
+                if t is not None:
+                    yield name, t
+
+
+class DecodeCache:
+    """The decoding state of a whole model (nanochat's KVCache, for a recurrent model): one LayerCache per
+    block and one position, the number of tokens seen. BLaLM.forward(idx, cache=cache) reads and advances it."""
+
+    def __init__(self, n_layer):
+        self.pos = 0
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def tensors(self):
+        """(layer index, field, tensor) for every tensor the cache holds."""
+        return [(l, name, t) for l, layer in enumerate(self.layers) for name, t in layer.tensors()]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for _, _, t in self.tensors())
 
 
 # -----------------------------------------------------------------------------
@@ -493,21 +545,23 @@ MLSTM_KERNELS = ("torch", "triton")
 
 @dataclass
 class BLaLMConfig:
-    vocab_size: int = 16384
-    block_size: int = 512          # longest training context (size of the learned positions of "attn")
-    n_layer: int = 6
-    n_head: int = 4
-    n_embd: int = 256
-    mixer: str = "mlstm"           # "mlstm" | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
-    mlstm_form: str = "chunkwise"  # which mLSTM form forward uses: "chunkwise" | "parallel" | "recurrent"
-    chunk_size: int = 64
-    mlstm_kernel: str = "torch"    # chunkwise step (c): "torch" | "triton" (optional fused kernel, CUDA only)
-    short_conv: int = 4            # kernel size of the causal depthwise conv on q, k, v (0 = off)
-    swa_window: int = 128          # sliding-window attention branch beside the mLSTM (0 = off)
-    modulation: bool = True        # dynamic modulation of the SWA branch (else the branches are averaged)
-    feature_map: str = "none"      # feature map on the mLSTM's q, k: "none" | "hedgehog"
-    gate_softcap: float = 15.0     # gate pre-activations -> cap * tanh(x / cap) (0 = off)
-    bias: bool = False             # biases in Linear layers and LayerNorms (GPT-2: True)
+    # the one source of model defaults (train.py's flags are these fields; its presets override some):
+    # a small model that trains in minutes on a laptop CPU
+    vocab_size: int = 16384         # set from the data by train.py
+    block_size: int = 128           # context length in tokens (the learned positions of "attn"/"hedgehog")
+    n_layer: int = 4                # residual blocks
+    n_head: int = 4                 # heads (head size = n_embd / n_head)
+    n_embd: int = 128               # width
+    mixer: str = "mlstm"            # "mlstm" (BLaLM) | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
+    mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
+    chunk_size: int = 64            # chunk length of the chunkwise forms
+    mlstm_kernel: str = "torch"     # chunkwise intra-chunk part: "torch" | "triton" (optional fused kernel, CUDA only)
+    short_conv: int = 4             # causal depthwise conv kernel on q, k, v (0 = off)
+    swa_window: int = 64            # sliding-window attention branch beside the mLSTM (0 = off)
+    modulation: bool = True         # dynamic modulation of the SWA branch (else averaged with the mLSTM)
+    feature_map: str = "none"       # "none" | "hedgehog" on the mLSTM's q, k
+    gate_softcap: float = 15.0      # gates -> cap * tanh(x / cap) (0 = off)
+    bias: bool = False              # biases in Linear and LayerNorm (GPT-2 layout: True)
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -519,11 +573,18 @@ class BLaLMConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("short_conv", "swa_window"):
+        for name in ("short_conv", "swa_window", "gate_softcap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.mixer != "mlstm":  # options of the mLSTM mean nothing to the attention mixers: refuse, not ignore
+            for name, default in (("mlstm_form", "chunkwise"), ("mlstm_kernel", "torch"), ("feature_map", "none")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}={getattr(self, name)!r} applies to mixer='mlstm' only, "
+                                     f"not mixer={self.mixer!r}")
 
     @classmethod
     def from_dict(cls, d):
@@ -553,6 +614,7 @@ class BLaLM(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        self._compiled_blocks = None  # set by compile_blocks (a plain list: not submodules, not in the state dict)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -568,48 +630,39 @@ class BLaLM(nn.Module):
         elif isinstance(module, MLSTMLayer):
             module.init_gates()  # apply() visits children first, so this runs after the gates' generic init
 
-    def _check_idx(self, idx):
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"idx must be an integer tensor of token ids, got {type(idx).__name__} "
-                             f"{getattr(idx, 'dtype', '')}")
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (B, T), got rank {idx.dim()} shape {tuple(idx.shape)}")
-        if idx.size(1) == 0:
-            raise ValueError("idx has T = 0 tokens; need at least one")
-        if torch.compiler.is_compiling():  # no data-dependent check inside a compiled graph
-            return
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one device sync, not two
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside [0, vocab_size={self.config.vocab_size})")
-
     def new_cache(self):
-        """Decoding state: per layer the mLSTM (C, n, m), the conv's last inputs, the SWA's last keys
-        and values (or, for "attn", the whole key/value cache); plus the position."""
-        return {"pos": 0, "layers": [{} for _ in self.transformer.h]}
+        """An empty decoding state for forward(idx, cache=...)."""
+        return DecodeCache(self.config.n_layer)
+
+    def check_length(self, T):
+        """Learned positions ("attn", "hedgehog") end at block_size; the mLSTM has none and takes any length."""
+        if self.learned_pos and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}, "
+                             f"the learned positions of mixer={self.config.mixer!r}")
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); loss when targets (B, T) are given (-1 = ignore).
-        With a cache (from new_cache) the tokens continue the sequence the cache has seen."""
-        self._check_idx(idx)
-        B, T = idx.shape
-        pos0 = cache["pos"] if cache is not None else 0
+        """idx (B, T) token ids in [0, vocab_size) -> logits (B, T, vocab); loss when targets (B, T) are given
+        (-1 = ignore). With a cache (from new_cache) the tokens continue the sequence the cache has seen.
+        Token ids are checked where data enters (bins, prompts, evaluation sentences), not here: a check of
+        the values would synchronise the device on every call."""
+        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be a (B, T >= 1) tensor of int64/int32 token ids, got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+        T = idx.size(1)
+        pos = cache.pos if cache is not None else 0
+        self.check_length(pos + T)
         x = self.transformer.wte(idx)
         if self.learned_pos:
-            if pos0 + T > self.config.block_size:
-                raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size="
-                                 f"{self.config.block_size}, the learned positions of mixer={self.config.mixer!r}")
-            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
         x = self.transformer.drop(x)
-        for l, block in enumerate(self.transformer.h):
-            if self.training:  # the training length is fixed: compiled blocks keep it static (see MLSTMLayer's SWA)
-                torch._dynamo.mark_static(x, 1)  # even after evaluation at other lengths made it dynamic
-            x = block(x, cache["layers"][l] if cache is not None else None)
+        compiled = self._compiled_blocks if self.training and cache is None else None
+        for l, block in enumerate(compiled or self.transformer.h):
+            x = block(x, cache.layers[l] if cache is not None else None, pos)
         if cache is not None:
-            cache["pos"] = pos0 + T
+            cache.pos = pos + T
         if targets is None:
             return self.lm_head(self.transformer.ln_f(x)), None
-        return self.logits_and_loss(x, targets)
+        return (self._compiled_loss if compiled else self.logits_and_loss)(x, targets)
 
     def logits_and_loss(self, x, targets):
         """The output head and the mean cross-entropy over targets != -1, in float32. compile_blocks compiles
@@ -642,12 +695,16 @@ class BLaLM(nn.Module):
         return idx
 
     def compile_blocks(self, **kwargs):
-        """torch.compile each residual block ("regional compilation"): the blocks have the same code and
-        shapes, so they share one compiled graph and compile time does not grow with depth. The output head
-        with the loss (logits_and_loss) is compiled as a region of its own."""
-        for block in self.transformer.h:
-            block.compile(**kwargs)
-        self.logits_and_loss = torch.compile(self.logits_and_loss, **kwargs)
+        """torch.compile each residual block for training ("regional compilation"): the blocks have the same
+        code and shapes, so they share one compiled graph and compile time does not grow with depth. The output
+        head with the loss (logits_and_loss) is compiled as a region of its own.
+
+        Compiled for the training length only (dynamic=False: static shapes, which flex_attention's block
+        mask needs): forward uses the compiled regions in training mode, and evaluation (other lengths,
+        decoding) runs the same modules eagerly, so it neither recompiles nor makes the length symbolic."""
+        kwargs.setdefault("dynamic", False)
+        self._compiled_blocks = [torch.compile(block, **kwargs) for block in self.transformer.h]
+        self._compiled_loss = torch.compile(self.logits_and_loss, **kwargs)
         return self
 
     def num_params(self, non_embedding=True):
@@ -661,13 +718,13 @@ class BLaLM(nn.Module):
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward = 3 x forward): 6 per weight of every matrix
-        multiply (the lm_head included) plus the token mixer's own work at context T. Counts useful
-        work: causal attention sees T/2 keys on average; the chunkwise mLSTM does an L x L block per
-        chunk plus state updates; SWA sees `window` keys."""
+        multiply (nn.Linear layers, the lm_head included, and the Hedgehog maps' per-head matrices) plus the
+        token mixer's own work at context T. Counts useful work: causal attention sees T/2 keys on average;
+        the chunkwise mLSTM does an L x L block per chunk plus state updates; SWA sees `window` keys."""
         c = self.config
         T = T or c.block_size
         NH, D, L = c.n_head, c.n_embd // c.n_head, c.n_layer
-        N = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
+        N = sum(mod.weight.numel() for mod in self.modules() if isinstance(mod, (nn.Linear, HedgehogFeatureMap)))
         if c.mixer == "attn":
             mix = 2 * 2 * NH * D * (T / 2)                                  # q k^T and a v over T/2 keys
         else:

@@ -6,7 +6,7 @@ What it computes, for each chunk of L tokens (q already scaled by 1/sqrt(DQK); b
 log sigmoid(f) inside the chunk; i the input-gate pre-activations; m the row stabiliser, computed by the
 caller and treated as a constant):
 
-    A[t,s] = exp(b_t - b_s + i_s - m_t)     (s <= t, else 0)      the stabilised gate (decay) matrix
+    A[t,s] = exp(b_t - b_s + i_s - m_t)     (s <= t, else 0)      the stabilised gate matrix (blalm's names)
     P[t,s] = (q_t . k_s) * A[t,s]
     num    = P @ V   (L x DV),   den = P.sum(-1)   (L)
 
@@ -55,8 +55,8 @@ def _gates(Bg, Ig, Mg, chunk, L: tl.constexpr):
     t = tl.arange(0, L)[:, None]
     s = tl.arange(0, L)[None, :]
     row, col = chunk * L + t, chunk * L + s
-    log_A = tl.load(Bg + row) - tl.load(Bg + col) + tl.load(Ig + col) - tl.load(Mg + row)
-    return tl.exp(tl.where(s <= t, log_A, float("-inf")))   # mask first: above the diagonal log_A can be +big
+    logA = tl.load(Bg + row) - tl.load(Bg + col) + tl.load(Ig + col) - tl.load(Mg + row)
+    return tl.exp(tl.where(s <= t, logA, float("-inf")))   # mask first: above the diagonal logA can be +big
 
 
 @triton.jit

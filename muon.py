@@ -7,13 +7,11 @@ the same amount, however small its share of the gradient was. U V^T is computed 
 (Newton-Schulz), not an SVD. Muon is only for matrices that multiply hidden activations (nn.Linear weights);
 embeddings, the output head, norms, biases, convolution kernels and other small tensors train with AdamW.
 `configure_optimizers(model)` makes that split and returns one optimizer for the training loop.
-
-    python muon.py --rows=256 --cols=1024 --cond=1e3 --steps=5    # singular values before/after Newton-Schulz
+notebooks/03_muon.ipynb shows what Newton-Schulz does to the singular values of a matrix.
 """
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -258,39 +256,3 @@ def configure_optimizers(model, optimizer="muon", lr=0.02, adam_lr=3e-3, weight_
     if verbose:
         print(combined.summary)
     return combined
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# demo: what Newton-Schulz does to the singular values of a matrix
-
-
-@dataclass
-class DemoConfig:
-    rows: int = 256
-    cols: int = 1024
-    cond: float = 0.0  # 0: a Gaussian random matrix; else singular values log-spaced from 1 down to 1/cond
-    steps: int = 5
-    dtype: str = "bfloat16"  # bfloat16 | float32 | float64
-    seed: int = 0
-
-
-def main(argv):
-    from train import parse_args
-    cfg = parse_args(argv, DemoConfig, doc=__doc__)
-    if cfg.dtype not in ("bfloat16", "float32", "float64"):
-        raise ValueError(f"--dtype must be bfloat16, float32 or float64, got {cfg.dtype!r}")
-    g = torch.Generator().manual_seed(cfg.seed)
-    G = torch.randn(cfg.rows, cfg.cols, generator=g, dtype=torch.float64)
-    if cfg.cond > 0:  # replace the spectrum by a chosen one, keeping random singular vectors
-        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-        G = U @ torch.diag(torch.logspace(0, -math.log10(cfg.cond), min(G.shape), dtype=torch.float64)) @ Vh
-    s_in = torch.linalg.svdvals(G) / G.norm()
-    X = zeropower_via_newtonschulz5(G, cfg.steps, dtype=getattr(torch, cfg.dtype))
-    s_out = torch.linalg.svdvals(X.double())
-    print(f"G {cfg.rows}x{cfg.cols}: singular values / ||G||_F in [{s_in.min():.2e}, {s_in.max():.2e}]")
-    print(f"after {cfg.steps} Newton-Schulz steps in {cfg.dtype}: in [{s_out.min():.3f}, {s_out.max():.3f}]")
-
-
-if __name__ == "__main__":
-    from train import run_cli
-    run_cli(main)

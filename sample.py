@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train import parse_args, pick_device
+from common import load_checkpoint, parse_args, pick_device, run_cli
 
 
 @dataclass
@@ -36,7 +36,6 @@ def main(argv):
         raise ValueError(f"expected num_samples >= 1 (got {cfg.num_samples}), max_new_tokens >= 1 "
                          f"(got {cfg.max_new_tokens}), temperature >= 0 (got {cfg.temperature}), top_k >= 0 "
                          f"(got {cfg.top_k})")
-    from train import load_checkpoint
     device = pick_device(cfg.device)
     model, enc, _ = load_checkpoint(cfg.ckpt, device)
     start = cfg.start
@@ -57,5 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main)
