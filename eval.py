@@ -1,54 +1,124 @@
 """
-Zero-shot evaluation of a checkpoint: minimal pairs (BLiMP, Zorro, the built-in pairs) and perplexity.
+Zero-shot evaluation of a checkpoint: the BabyLM 2025 suite, minimal pairs (BLiMP, Zorro, the built-in
+pairs), perplexity, and the learning curve of a run's milestone checkpoints.
 
+    python eval.py --ckpt=out/ckpt.pt --babylm=DIR               # the 2025 suite: every task folder in DIR
+    python eval.py --run=out --babylm=DIR                        # each ckpt_<N>M_words.pt of a run: curve + plot
     python eval.py --ckpt=out/ckpt.pt --blimp=DIR --zorro=DIR    # accuracy per paradigm and field
     python eval.py --ckpt=out/ckpt.pt --pairs=builtin            # the synthetic pairs of data.py
-    python eval.py --ckpt=out/ckpt.pt --text=FILE                # perplexity and bits per byte
+    python eval.py --ckpt=out/ckpt.pt --text=FILE                # perplexity and bits per byte (.txt, .txt.gz)
     python eval.py --help
 
-A minimal pair is a grammatical and an ungrammatical sentence that differ in one phenomenon. The model
-gets it right when log P(good) > log P(bad) strictly: a tie counts as wrong, so a model that cannot tell
-the two apart scores 0 on it, not 100. log P(sentence) = sum of its tokens' log-probabilities, with the
-end-of-text token prepended so that the first word is scored too. Accuracies are percentages (0-100); the
-last line printed is `macro-average: X`, the mean accuracy over all paradigms evaluated.
+The BabyLM 2025 suite (--babylm=DIR: the pipeline's evaluation_data/full_eval or fast_eval folder) holds
+one folder per task, JSON Lines inside. An item is a few candidate strings prefix + completion, the
+correct one listed first; the model picks the candidate whose completion it finds likeliest:
+score = sum of log P(token | everything before it) over the completion's tokens (temperature 1, no length
+normalisation). As in the official pipeline the whole candidate string is tokenized at once, end-of-text
+prepended, and the scored tokens are those that reach into the completion (a token " the" that starts with
+the prefix's last space is scored).
+
+  blimp_filtered, supplement_filtered  whole sentences; UID = the UID field, else the file stem
+  ewok_filtered            Context1 + " " + Target1 | Target2, the target scored; UID = Domain
+  entity_tracking          input_prefix + option, options[0] correct; UID = <file>_<numops>_ops; the task
+                           score is the mean over the files of the mean over their UIDs
+  wug_adj_nominalization   two whole sentences: the accuracy of preferring the first (the task score) and
+                           the Spearman correlation of log P(first) - log P(second) with the human `ratio`
+Other task scores are the mean over UIDs; the suite's macro-average is the mean of the task scores.
+
+Unlike the pipeline (whose argmax counts a tie right) a tie counts as WRONG here, so a model that cannot
+tell the candidates apart scores 0, not 100; the same holds for the minimal pairs (log P(good) > log P(bad)
+strictly, log P(sentence) = the sum of its tokens' log-probabilities after end-of-text). A model with
+learned positions (mixer attn, hedgehog) reads a suite candidate longer than block_size through its last
+block_size tokens (the context cut from the left; such items are counted as "cut"); an item whose scored
+tokens alone do not fit counts as wrong ("too long"). The mLSTM reads everything. Accuracies are
+percentages (0-100); the last line printed is `macro-average: X`.
 """
 
+import copy
+import gzip
+import io
 import json
 import math
-import os
+import re
+import sys
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
-from train import parse_args, pick_device
+from common import check_writable, load_checkpoint, parse_args, pick_device, run_cli, write_json
+from data import synthetic_minimal_pairs, write_atomic
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
 BUILTIN_SEED = 1234
+TASKS = ("blimp_filtered", "supplement_filtered", "ewok_filtered", "entity_tracking", "wug_adj_nominalization")
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str = ""           # checkpoint written by train.py (required)
+    ckpt: str = ""           # checkpoint written by train.py, or its run folder (its ckpt.pt)
+    babylm: str = ""         # the BabyLM 2025 suite: a folder holding task folders (full_eval, fast_eval)
+    tasks: str = ""          # comma-separated subset of the suite's tasks ("" = every task folder found)
+    run: str = ""            # a run folder: evaluate each ckpt_<N>M_words.pt on --babylm, write babylm_curve.json
+    plot_out: str = ""       # --run's figure ("" = RUN/babylm_curve.png)
     blimp: str = ""          # a BLiMP .jsonl file or a folder of them
     zorro: str = ""          # a Zorro .txt file or a folder of them
     pairs: str = ""          # "builtin": data.synthetic_minimal_pairs, 200 per phenomenon, seed 1234
-    text: str = ""           # a text file: perplexity and bits per byte
-    max_pairs: int = 0       # use only the first max_pairs pairs of each paradigm (0 = all)
-    batch_size: int = 64     # sentences per forward pass (windows of block_size for --text: batch_size // 8)
+    text: str = ""           # a text file (.txt or .txt.gz): perplexity and bits per byte
+    max_pairs: int = 0       # use only the first max_pairs items of each paradigm / UID (0 = all)
+    batch_size: int = 64     # sequences per forward pass (windows of block_size for --text: batch_size // 8)
     device: str = "auto"     # "auto" = cuda when present, else cpu
     json: str = ""           # also write the results to this file
 
+# -----------------------------------------------------------------------------
+# Reading files
 
-def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+
+def read_text(path):
+    """A UTF-8 text file, gzip-compressed when it ends in .gz -> str. Invalid UTF-8 names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a valid gzip file ({e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+
+
+def jsonl_records(path):
+    """(line number, value) for each line of a JSON Lines file; a line that is not JSON names file and line."""
+    lines = read_text(path).split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends
+    if lines[-1] == "":
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+
+
+def field(record, where, key, kind, nonempty=False):
+    """record[key], checked to be of type kind (a non-blank string when nonempty)."""
+    value = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool) or (nonempty and not value.strip()):
+        what = "a JSON object with " if not isinstance(record, dict) else ""
+        raise ValueError(f"{where}: expected {what}field {key!r} to be a {'non-empty ' * nonempty}"
+                         f"{getattr(kind, '__name__', 'number')}; got {value!r:.80}")
+    return value
 
 # -----------------------------------------------------------------------------
-# Reading minimal pairs: dict paradigm -> list of Pair
+# Minimal pairs: dict paradigm -> list of Pair
 
 
 @dataclass(frozen=True)
@@ -76,20 +146,16 @@ def pairs_from_records(records, where, paradigm=None):
 
 def read_blimp(path):
     """One BLiMP .jsonl file; paradigm = the UID field, else the file stem."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-    return pairs_from_records(records, lambda n: f"{path} line {n}", Path(path).stem)
+    lines, records = [], []
+    for n, r in jsonl_records(path):
+        lines.append(n)
+        records.append(r)
+    return pairs_from_records(records, lambda k: f"{path} line {lines[k - 1]}", Path(path).stem)
 
 
 def read_zorro(path):
     """One Zorro .txt file: line 2j-1 is ungrammatical, line 2j its grammatical twin (1-based)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path).splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             raise ValueError(f"{path} line {n}: empty line; Zorro files hold one sentence per line")
@@ -101,18 +167,32 @@ def read_zorro(path):
     return {stem: [Pair(good, bad, field) for bad, good in zip(lines[0::2], lines[1::2])]}
 
 
-def load_pairs(path):
-    """A BLiMP .jsonl or Zorro .txt file, or a folder of them -> dict paradigm -> list of Pair."""
+FORMATS = {".jsonl": "BLiMP .jsonl", ".txt": "Zorro .txt"}
+
+
+def load_pairs(path, kind=None):
+    """A BLiMP .jsonl or Zorro .txt file, or a folder of them -> dict paradigm -> list of Pair; kind "blimp"
+    or "zorro" accepts that format only. A BabyLM 2025 suite folder (one that holds any of TASKS) gives its
+    Suite instead (load_babylm), which score_pairs scores as the suite: train.py --eval_pairs=DIR takes both."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"minimal pairs {path} do not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"{path} holds no .jsonl (BLiMP) or .txt (Zorro) files")
+    if kind is None and is_suite(path):
+        return load_babylm(path)
+    suffixes = {None: (".jsonl", ".txt"), "blimp": (".jsonl",), "zorro": (".txt",)}[kind]
+    flag = f"--{kind}={path}" if kind else str(path)
+    wanted = " or ".join(FORMATS[s] for s in suffixes)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in suffixes)
+        if not files:
+            other = sorted({FORMATS[p.suffix] for p in path.iterdir() if p.suffix in FORMATS})
+            raise ValueError(f"{flag} holds no {wanted} files" + (f" but {', '.join(other)} files" if other else ""))
+    elif path.suffix not in suffixes:
+        raise ValueError(f"{flag}: expected a {wanted} file")
+    else:
+        files = [path]
     out = {}
     for p in files:
-        if p.suffix not in (".jsonl", ".txt"):
-            raise ValueError(f"{p}: expected a BLiMP .jsonl or a Zorro .txt file")
         pairs = read_blimp(p) if p.suffix == ".jsonl" else read_zorro(p)
         if not any(pairs.values()):
             raise ValueError(f"{p} holds no minimal pairs")
@@ -122,42 +202,209 @@ def load_pairs(path):
 
 
 def builtin_pairs():
-    from data import synthetic_minimal_pairs
     records = synthetic_minimal_pairs(BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED)
     return pairs_from_records(records, lambda n: f"builtin pair {n}", "builtin")
+
+# -----------------------------------------------------------------------------
+# The BabyLM 2025 suite: dict task -> list of Item
+
+
+@dataclass(frozen=True)
+class Item:
+    """Candidate strings prefix + c for c in candidates, of which only c is scored; candidates[0] is the
+    correct one (WUG: the one `ratio` gives the human preference for)."""
+    prefix: str
+    candidates: tuple
+    uid: str
+    field: str | None = None    # BLiMP's field; entity tracking's file
+    ratio: float | None = None  # WUG
+
+
+class Suite(dict):
+    """task name -> list of Item, as load_babylm returns it (score_pairs recognises it)."""
+
+
+def read_pair_items(path):
+    """blimp_filtered, supplement_filtered: a minimal pair is an item of two whole sentences."""
+    fields = {"syntax_semantics": "syntax/semantics"}  # the pipeline's spelling
+    return [Item("", (p.good, p.bad), uid, fields.get(p.field, p.field))
+            for uid, ps in read_blimp(path).items() for p in ps]
+
+
+def read_ewok(path):
+    items = []
+    for n, r in jsonl_records(path):
+        where = f"{path} line {n}"
+        context = field(r, where, "Context1", str)
+        targets = tuple(field(r, where, k, str, nonempty=True) for k in ("Target1", "Target2"))
+        items.append(Item(context + " ", targets, field(r, where, "Domain", str, nonempty=True)))
+    return items
+
+
+def read_entity_tracking(path):
+    items, stem = [], Path(path).stem
+    for n, r in jsonl_records(path):
+        where = f"{path} line {n}"
+        prefix, options = field(r, where, "input_prefix", str), field(r, where, "options", list)
+        if len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+            raise ValueError(f"{where}: expected 'options' to be a list of 2 or more non-empty strings; got {options!r:.80}")
+        items.append(Item(prefix, tuple(options), f"{stem}_{field(r, where, 'numops', int)}_ops", stem))
+    return items
+
+
+def read_wug(path):
+    items = []
+    for n, r in jsonl_records(path):
+        where = f"{path} line {n}"
+        sentences = field(r, where, "sentences", str).split("\t")
+        if len(sentences) != 2 or not all(s.strip() for s in sentences):
+            raise ValueError(f"{where}: expected 'sentences' to be two non-empty sentences separated by one tab")
+        ratio = field(r, where, "ratio", (int, float))
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"{where}: expected 'ratio' (the human preference for the first sentence) "
+                             f"in [0, 1]; got {ratio}")
+        items.append(Item("", tuple(sentences), Path(path).stem, ratio=float(ratio)))
+    return items
+
+
+READERS = {"blimp_filtered": read_pair_items, "supplement_filtered": read_pair_items, "ewok_filtered": read_ewok,
+           "entity_tracking": read_entity_tracking, "wug_adj_nominalization": read_wug}
+
+
+def is_suite(path):
+    return Path(path).is_dir() and any((Path(path) / t).is_dir() for t in TASKS)
+
+
+def load_babylm(path, tasks=None):
+    """The task folders of a BabyLM 2025 suite folder (all found, or the named ones) -> Suite."""
+    path = Path(path)
+    unknown = [t for t in tasks or () if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"BabyLM suite folder {path} does not exist or is not a folder")
+    found = [t for t in TASKS if (path / t).is_dir()]
+    if not found:
+        raise ValueError(f"{path} holds none of the task folders {', '.join(TASKS)}; expected the 2025 "
+                         "pipeline's evaluation_data/full_eval (or fast_eval) folder")
+    missing = [t for t in tasks or () if t not in found]
+    if missing:
+        raise FileNotFoundError(f"{path} has no folder for task(s) {', '.join(missing)}; it holds {', '.join(found)}")
+    suite = Suite()
+    for task in [t for t in found if not tasks or t in tasks]:
+        files = sorted((path / task).glob("*.jsonl"))
+        if not files:
+            raise ValueError(f"{path / task} holds no .jsonl files")
+        suite[task] = [item for f in files for item in READERS[task](f)]
+        if not suite[task]:
+            raise ValueError(f"{path / task} holds no items")
+    return suite
 
 # -----------------------------------------------------------------------------
 # Scoring
 
 
+class Progress:
+    """A line on stderr at most every `every` seconds (none for short work): items done, items/s and the
+    time left, estimated from the tokens left (batches are sorted by length, so items get slower)."""
+
+    def __init__(self, label, items, tokens, every=2.0):
+        self.label, self.items, self.tokens, self.every = label, items, tokens, every
+        self.t0 = self.last = time.time()
+        self.items_done = self.tokens_done = 0
+
+    def add(self, items, tokens):
+        self.items_done += items
+        self.tokens_done += tokens
+        now = time.time()
+        if now - self.last >= self.every and self.items_done < self.items:
+            dt = now - self.t0
+            eta = (self.tokens - self.tokens_done) * dt / self.tokens_done
+            print(f"  {self.label}: {self.items_done:,}/{self.items:,} sequences, {self.items_done / dt:,.0f}/s, "
+                  f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            self.last = now
+
+
+def padded_batch(seqs, n_scored):
+    """Token-id lists -> (inputs (B, T), targets (B, T), -1 where not scored): list s is read as s[:-1] and
+    its last n_scored tokens are scored; padded on the right, where causality keeps the padding from
+    touching the real tokens."""
+    T = max(len(s) for s in seqs) - 1
+    x = torch.zeros((len(seqs), T), dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for r, (s, n) in enumerate(zip(seqs, n_scored)):
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+        y[r, len(s) - 1 - n:len(s) - 1] = torch.tensor(s[len(s) - n:])
+    return x, y
+
+
+def row_sums(logits, y):
+    """(B, T, vocab) logits, (B, T) targets (-1 = not scored) -> float64 (B,) sums of the targets' log-probs,
+    the log-softmax taken (float32 at least) only where a token is scored."""
+    scored = (y >= 0).to(logits.device)
+    picked = logits[scored]
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
+    logp = F.log_softmax(picked, dim=-1).gather(-1, y[y >= 0].to(logits.device).unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(len(y), dtype=torch.float64).index_add_(0, (y >= 0).nonzero()[:, 0], logp.cpu().double())
+
+
 @torch.no_grad()
-def token_logprobs(model, seqs, bos, device=None, batch_size=64):
-    """Token-id lists -> float64 tensor of sum_t log P(x_t | bos, x_<t), one per list.
-    Sorted by length so each batch pads little; padded on the right, where causality keeps it from
-    touching the real tokens, and masked out of the sum."""
+def sum_logprobs(model, seqs, n_scored, device=None, batch_size=64, max_tokens=None, progress=None):
+    """Token-id lists -> float64 tensor: for each list s, the sum of log P(s[t] | s[:t]) over its last
+    n_scored tokens (s[0] is context only: end-of-text, or the first token of a cut window). Sorted by
+    length so each batch pads little; a batch holds at most batch_size lists and max_tokens input tokens."""
     device = device or next(model.parameters()).device
     out = torch.empty(len(seqs), dtype=torch.float64)
-    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
+    batches, b = [], []
+    for j in sorted(range(len(seqs)), key=lambda j: len(seqs[j])):
+        if b and (len(b) == batch_size or max_tokens and (len(b) + 1) * (len(seqs[j]) - 1) > max_tokens):
+            batches.append(b)
+            b = []
+        b.append(j)
+    batches += [b] if b else []
     was_training = model.training
     model.eval()  # no dropout; restored below for callers in the middle of training
     try:
-        for b in range(0, len(order), batch_size):
-            rows = order[b:b + batch_size]
-            T = max(len(seqs[j]) for j in rows)
-            x = torch.full((len(rows), T), bos, dtype=torch.long)
-            y = torch.full((len(rows), T), -1, dtype=torch.long)  # -1 = padding
-            for r, j in enumerate(rows):
-                s = seqs[j]
-                x[r, :len(s)] = torch.tensor([bos] + s[:-1])
-                y[r, :len(s)] = torch.tensor(s)
-            x, y = x.to(device), y.to(device)
-            logits, _ = model(x)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 kept
-            logp = F.log_softmax(logits, dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-            out[rows] = (logp.double() * (y >= 0)).sum(dim=1).cpu()
+        for rows in batches:
+            x, y = padded_batch([seqs[j] for j in rows], [n_scored[j] for j in rows])
+            out[rows] = row_sums(model(x.to(device))[0], y)
+            if progress:
+                progress.add(len(rows), x.numel())
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def shared_prefix_logprobs(model, groups, device=None, batch_size=64, progress=None):
+    """Like sum_logprobs for items whose K candidates share their first S tokens (none of them scored):
+    groups[(S, K)] = list of (seqs, n_scored) of one item. The shared tokens but the last are read once per
+    item into a decoding cache; each candidate continues from a copy of it (from the last shared token on).
+    -> dict (S, K) -> float64 tensor (items, K)."""
+    device = device or next(model.parameters()).device
+    out = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for (S, K), group in groups.items():
+            out[S, K] = torch.empty(len(group), K, dtype=torch.float64)
+            for b in range(0, len(group), batch_size):
+                rows = group[b:b + batch_size]
+                cache = model.new_cache()
+                model(torch.tensor([seqs[0][:S - 1] for seqs, _ in rows], device=device), cache=cache)
+                for k in range(K):
+                    x, y = padded_batch([seqs[k][S - 1:] for seqs, _ in rows], [ns[k] for _, ns in rows])
+                    out[S, K][b:b + len(rows), k] = row_sums(model(x.to(device), cache=copy.deepcopy(cache))[0], y)
+                if progress:
+                    progress.add(K * len(rows), len(rows) * (S - 1) + sum(len(s) - S for seqs, _ in rows for s in seqs))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def token_logprobs(model, seqs, bos, device=None, batch_size=64):
+    """Token-id lists -> float64 tensor of sum_t log P(x_t | bos, x_<t), one per list."""
+    return sum_logprobs(model, [[bos] + s for s in seqs], [len(s) for s in seqs], device, batch_size)
 
 
 def sentence_logprobs(model, enc, sentences, device=None, batch_size=64):
@@ -175,7 +422,10 @@ def sentence_logprobs(model, enc, sentences, device=None, batch_size=64):
 def score_pairs(model, enc, pairs_by_paradigm, device=None, batch_size=64, max_pairs_per_paradigm=None):
     """-> dict(paradigms={name: accuracy}, fields={field: accuracy over its pairs}, n_pairs={name: n},
     macro_average=mean accuracy over paradigms); accuracies in percent, a tie counts as wrong.
-    max_pairs_per_paradigm keeps the first pairs of each paradigm (for quick evaluation during training)."""
+    max_pairs_per_paradigm keeps the first pairs of each paradigm (for quick evaluation during training).
+    A Suite (load_pairs of a BabyLM suite folder) is scored by score_babylm, max_pairs_per_paradigm per UID."""
+    if isinstance(pairs_by_paradigm, Suite):
+        return score_babylm(model, enc, pairs_by_paradigm, device, batch_size, max_pairs_per_paradigm)
     if max_pairs_per_paradigm is not None and max_pairs_per_paradigm < 1:
         raise ValueError(f"max_pairs_per_paradigm={max_pairs_per_paradigm}; expected >= 1 or None")
     empty = [k for k, v in pairs_by_paradigm.items() if not v]
@@ -196,6 +446,141 @@ def score_pairs(model, enc, pairs_by_paradigm, device=None, batch_size=64, max_p
                 macro_average=sum(paradigms.values()) / len(paradigms))
 
 
+def candidate_tokens(enc, prefix, completion):
+    """-> (ids of prefix + completion tokenized as one string, how many trailing ids reach into the
+    completion). A token reaches into it when it ends past the prefix's bytes: the pipeline's rule
+    `token's character end > len(prefix)` said in bytes, which stays exact when a token ends inside a
+    multi-byte character (that character is the completion's, so the token is scored)."""
+    ids = enc.encode_ordinary(prefix + completion)
+    boundary, end = len(prefix.encode("utf-8")), 0
+    for j, t in enumerate(ids):
+        end += len(enc.decode_single_token_bytes(t))
+        if end > boundary:
+            return ids, len(ids) - j
+    return ids, 0
+
+
+def shared_length(seqs, n_scored):
+    """How many leading tokens all candidates share before the first scored one."""
+    S = min(len(s) - n for s, n in zip(seqs, n_scored))
+    while S > 0 and any(s[S - 1] != seqs[0][S - 1] for s in seqs):
+        S -= 1
+    return S
+
+
+def score_items(model, enc, items, device=None, batch_size=64, progress=None, min_shared=16):
+    """-> (one float64 tensor of candidate scores per item, indices of the items whose context was cut to
+    the learned positions, indices of the items whose scored tokens do not fit them: scores NaN).
+    Candidates that share a context of 2 tokens or more (EWoK, entity tracking) read it once, where
+    min_shared items or more share about as much (shared_prefix_logprobs)."""
+    W = model.config.block_size if getattr(model, "learned_pos", False) else None
+    scores = [torch.full((len(item.candidates),), math.nan, dtype=torch.float64) for item in items]
+    plain, shared, cut, too_long = [], {}, [], []  # plain: (item, candidate, seq, n_scored)
+    for i, item in enumerate(items):
+        tokens = [candidate_tokens(enc, item.prefix, c) for c in item.candidates]
+        seqs, ns = [[enc.eot_token] + ids for ids, _ in tokens], [n for _, n in tokens]
+        if W is not None and any(n > W for n in ns):
+            too_long.append(i)
+        elif W is not None and any(len(s) - 1 > W for s in seqs):
+            plain += [(i, k, s[-(W + 1):], n) for k, (s, n) in enumerate(zip(seqs, ns))]  # W inputs, last W scored
+            cut.append(i)
+        elif (S := shared_length(seqs, ns)) >= 2:
+            S = S if S < 16 else S - S % 16  # similar lengths batch together; at most 15 tokens read again
+            shared.setdefault((S, len(seqs)), []).append((i, seqs, ns))
+        else:
+            plain += [(i, k, s, n) for k, (s, n) in enumerate(zip(seqs, ns))]
+    for key in [key for key, g in shared.items() if len(g) < min_shared]:  # too few to pay for their forwards
+        plain += [(i, k, s, n) for i, seqs, ns in shared.pop(key) for k, (s, n) in enumerate(zip(seqs, ns))]
+    if progress:
+        n_seqs = len(plain) + sum(len(g) * K for (_, K), g in shared.items())
+        n_tokens = sum(len(s) - 1 for _, _, s, _ in plain) + sum(
+            S - 1 + sum(len(s) - S for s in seqs) for (S, _), g in shared.items() for _, seqs, _ in g)
+        progress = Progress(progress, n_seqs, n_tokens)
+    lp = sum_logprobs(model, [s for _, _, s, _ in plain], [n for *_, n in plain], device, batch_size,
+                      max_tokens=128 * batch_size, progress=progress)
+    for (i, k, _, _), v in zip(plain, lp.tolist()):
+        scores[i][k] = v
+    done = shared_prefix_logprobs(model, {key: [(seqs, ns) for _, seqs, ns in g] for key, g in shared.items()},
+                                  device, batch_size, progress)
+    for key, g in shared.items():
+        for (i, _, _), row in zip(g, done[key]):
+            scores[i] = row
+    return scores, cut, too_long
+
+
+def is_right(scores):
+    """The first candidate strictly above every other: a tie is wrong, and so is an unscored (NaN) item."""
+    return bool(torch.isfinite(scores).all()) and bool(scores[0] > scores[1:].max())
+
+
+def average_ranks(v):
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(np.asarray(v, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2)[inverse]
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's of the average ranks; None when either side is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / den) if den > 0 else None
+
+
+def first_per_uid(items, n):
+    if n is None:
+        return items
+    kept, seen = [], Counter()
+    for item in items:
+        seen[item.uid] += 1
+        if seen[item.uid] <= n:
+            kept.append(item)
+    return kept
+
+
+def score_babylm(model, enc, tasks, device=None, batch_size=64, max_items_per_uid=None, progress=False):
+    """tasks (load_babylm) -> dict(tasks={task: score}, macro_average=mean of the task scores,
+    uids={task: {uid: accuracy}}, n_items={task: {uid: n}}, fields={field: accuracy} (BLiMP, pooled over
+    its items), files={file: mean over its UIDs} (entity tracking), wug=dict(accuracy, spearman, n),
+    cut={task: items}, too_long={task: items}); percentages, a tie wrong. max_items_per_uid keeps the
+    first items of each UID; progress=True prints progress lines to stderr."""
+    if max_items_per_uid is not None and max_items_per_uid < 1:
+        raise ValueError(f"max_items_per_uid={max_items_per_uid}; expected >= 1 or None")
+    if not tasks:
+        raise ValueError("no BabyLM tasks to score")
+    res = dict(tasks={}, uids={}, n_items={}, fields={}, files={}, wug=None, cut={}, too_long={})
+    mean = lambda v: sum(v) / len(v)
+    for task, items in tasks.items():
+        items = first_per_uid(items, max_items_per_uid)
+        scores, cut, too_long = score_items(model, enc, items, device, batch_size, progress and task)
+        right = [is_right(s) for s in scores]
+        by_uid, by_field = {}, {}
+        for item, r in zip(items, right):
+            by_uid.setdefault(item.uid, []).append(r)
+            if item.field is not None:
+                by_field.setdefault(item.field, []).append(r)
+        uids = res["uids"][task] = {u: 100.0 * mean(rs) for u, rs in by_uid.items()}
+        res["n_items"][task] = {u: len(rs) for u, rs in by_uid.items()}
+        res["cut"][task], res["too_long"][task] = len(cut), len(too_long)
+        if task == "entity_tracking":
+            file_of = {item.uid: item.field for item in items}
+            files = {f: mean([a for u, a in uids.items() if file_of[u] == f]) for f in by_field}
+            res["files"].update(files)
+            res["tasks"][task] = mean(list(files.values()))
+        elif task == "wug_adj_nominalization":
+            ok = [(float(s[0] - s[1]), item.ratio) for s, item in zip(scores, items) if torch.isfinite(s).all()]
+            res["wug"] = dict(accuracy=100.0 * mean(right), n=len(items),
+                              spearman=spearman(*zip(*ok)) if len(ok) > 1 else None)
+            res["tasks"][task] = res["wug"]["accuracy"]
+        else:
+            res["tasks"][task] = mean(list(uids.values()))
+            if task == "blimp_filtered":
+                res["fields"] = {f: 100.0 * mean(rs) for f, rs in sorted(by_field.items())}
+    res["macro_average"] = mean(list(res["tasks"].values()))
+    return res
+
+
 def perplexity(model, enc, text, device=None, batch_size=8):
     """Perplexity and bits per byte of a text: non-overlapping windows of block_size tokens, each read
     from a fresh start (end-of-text prepended). ppl = exp(nats / tokens); bpb = nats / ln 2 / utf-8 bytes."""
@@ -209,58 +594,180 @@ def perplexity(model, enc, text, device=None, batch_size=8):
                 tokens=len(tokens))
 
 # -----------------------------------------------------------------------------
+# Reports
+
+
+def fmt_count(n):
+    """39_212_345 -> "39.2M", 1e6 -> "1M", 405_186.2 -> "405.2k"; None -> "?"."""
+    if n is None:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}".removesuffix(".0") + unit
+    return f"{n:.0f}"
+
+
+TIE_NOTE = ("a candidate's score is the sum of its completion's token log-probabilities; a tie counts as "
+            "WRONG here (the official pipeline's argmax counts a tie right)")
+
+
+def print_babylm(res, source):
+    print(f"BabyLM 2025 suite {source}: {TIE_NOTE}")
+    for task, uids in res["uids"].items():
+        n = res["n_items"][task]
+        print(f"\n{task}: {len(uids)} UIDs, {sum(n.values()):,} items")
+        w = max(map(len, uids))
+        for uid, a in uids.items():
+            print(f"  {uid:<{w}}  {a:6.2f}  ({n[uid]} items)")
+        for name, a in (res["fields"] if task == "blimp_filtered" else
+                        res["files"] if task == "entity_tracking" else {}).items():
+            print(f"  {'field' if task == 'blimp_filtered' else 'file'} {name}: {a:.2f}")
+    print()
+    for task, score in res["tasks"].items():
+        notes = []
+        if task == "wug_adj_nominalization":
+            rho = res["wug"]["spearman"]
+            notes.append("accuracy of preferring the first; Spearman with the human ratio "
+                         + ("undefined (constant scores)" if rho is None else f"{rho:.3f}"))
+        if res["cut"][task]:
+            notes.append(f"{res['cut'][task]} items read through their last block_size tokens")
+        if res["too_long"][task]:
+            notes.append(f"{res['too_long'][task]} items wrong: their scored tokens exceed block_size")
+        print(f"{task:<24} {score:6.2f}" + (f"  ({'; '.join(notes)})" if notes else ""))
+
+
+def plot_curve(points, path):
+    """Each task's score and the macro-average against words seen (log axis), written atomically."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    x = [p["words_seen"] for p in points]
+    for task in points[0]["tasks"]:
+        ax.plot(x, [p["tasks"][task] for p in points], marker="o", ms=3, label=task)
+    ax.plot(x, [p["macro_average"] for p in points], "k--", marker="o", ms=3, label="macro-average")
+    ax.set_xscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(FuncFormatter(lambda v, _: fmt_count(v)))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("words seen")
+    ax.set_ylabel("score (%; a tie counts as wrong)")
+    ax.set_title("BabyLM 2025 zero-shot suite at each milestone")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_atomic(path, buf.getvalue())
+
+
+def milestone_checkpoints(run):
+    """A run folder's (N, path) for its ckpt_<N>M_words.pt files, sorted by N."""
+    found = [(int(m.group(1)), p) for p in Path(run).iterdir()
+             if (m := re.fullmatch(r"ckpt_(\d+)M_words\.pt", p.name))]
+    if not found:
+        raise FileNotFoundError(f"--run={run} holds no ckpt_<N>M_words.pt milestone checkpoints")
+    return sorted(found)
+
+
+def evaluate_run(cfg, suite, device):
+    """--run: the suite at every milestone -> RUN/babylm_curve.json and the figure; returns the points."""
+    run = Path(cfg.run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--run={run} is not a folder")
+    paths = milestone_checkpoints(run)
+    curve, figure = run / "babylm_curve.json", cfg.plot_out or str(run / "babylm_curve.png")
+    check_writable(str(curve), "--run")
+    check_writable(figure, "--plot_out")
+    print(f"{run}: {len(paths)} milestone checkpoints; {TIE_NOTE}")
+    points = []
+    for milestone, path in paths:
+        model, enc, ckpt = load_checkpoint(str(path), device)
+        res = score_babylm(model, enc, suite, device, cfg.batch_size, cfg.max_pairs or None, progress=True)
+        words = ckpt.get("words_seen") or milestone * 1e6  # a checkpoint without the count: its file name's
+        print(f"{path.name}: {fmt_count(words)} words, " + ", ".join(f"{t} {s:.2f}" for t, s in res["tasks"].items())
+              + f", macro-average {res['macro_average']:.2f}", flush=True)
+        points.append(dict(ckpt=path.name, words_seen=words, iter=ckpt.get("iter"), **res))
+    result = dict(run=str(run), babylm=cfg.babylm, max_items_per_uid=cfg.max_pairs or None, points=points)
+    write_json(result, curve)
+    plot_curve(points, figure)
+    print(f"wrote {curve} and {figure}")
+    print(f"macro-average: {points[-1]['macro_average']:.2f}")  # of the last milestone
+    return result
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv):
     cfg = parse_args(argv, EvalConfig, doc=__doc__)
-    if not cfg.ckpt:
-        raise ValueError("--ckpt=PATH is required (a checkpoint written by train.py)")
+    if bool(cfg.ckpt) == bool(cfg.run):
+        raise ValueError("give --ckpt=PATH (a checkpoint or a run folder) or --run=RUN_DIR (its milestones), one of them")
     if cfg.pairs not in ("", "builtin"):
         raise ValueError(f"--pairs={cfg.pairs!r}: expected 'builtin'")
-    if not (cfg.blimp or cfg.zorro or cfg.pairs or cfg.text):
-        raise ValueError("nothing to evaluate: give --blimp=DIR, --zorro=DIR, --pairs=builtin and/or --text=FILE")
+    if not (cfg.babylm or cfg.blimp or cfg.zorro or cfg.pairs or cfg.text):
+        raise ValueError("nothing to evaluate: give --babylm=DIR, --blimp=DIR, --zorro=DIR, --pairs=builtin "
+                         "and/or --text=FILE")
+    if cfg.babylm and (cfg.blimp or cfg.zorro or cfg.pairs):
+        raise ValueError("give --babylm or --blimp/--zorro/--pairs, not both: each ends with its own macro-average")
+    if cfg.run and not cfg.babylm or cfg.run and cfg.text:
+        raise ValueError("--run=RUN_DIR evaluates the milestones on --babylm=DIR only")
+    if (cfg.tasks or cfg.plot_out) and not cfg.babylm:
+        raise ValueError("--tasks and --plot_out go with --babylm=DIR (and --run for --plot_out)")
     if cfg.max_pairs < 0 or cfg.batch_size < 1:
         raise ValueError(f"--max_pairs={cfg.max_pairs} must be >= 0 and --batch_size={cfg.batch_size} >= 1")
-    from train import load_checkpoint
-    device = pick_device(cfg.device)
-    model, enc, ckpt = load_checkpoint(cfg.ckpt, device)
-    print(f"{cfg.ckpt}: iter {ckpt.get('iter')}, {ckpt.get('words_seen')} words seen, mixer={model.config.mixer}")
-    results = dict(ckpt=cfg.ckpt, iter=ckpt.get("iter"), words_seen=ckpt.get("words_seen"))
-    if cfg.text:
-        with open(cfg.text, encoding="utf-8") as f:
-            text = f.read()
-        if not text:
-            raise ValueError(f"--text={cfg.text} is empty")
-        r = results["text"] = perplexity(model, enc, text, device, max(1, cfg.batch_size // 8))
-        print(f"{cfg.text}: ppl {r['ppl']:.3f}, bits per byte {r['bits_per_byte']:.4f}, {r['tokens']} tokens")
+    if cfg.json:
+        check_writable(cfg.json)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
+    suite = load_babylm(cfg.babylm, tasks) if cfg.babylm else None
     pairs, suite_of = {}, {}
-    for suite, src in (("blimp", cfg.blimp), ("zorro", cfg.zorro), ("builtin", cfg.pairs)):
+    for kind, src in (("blimp", cfg.blimp), ("zorro", cfg.zorro), ("builtin", cfg.pairs)):
         if not src:
             continue
-        for paradigm, ps in (builtin_pairs() if suite == "builtin" else load_pairs(src)).items():
+        for paradigm, ps in (builtin_pairs() if kind == "builtin" else load_pairs(src, kind)).items():
             if paradigm in pairs:
-                raise ValueError(f"paradigm {paradigm!r} appears twice (in --{suite} and before)")
-            pairs[paradigm], suite_of[paradigm] = ps, suite
+                raise ValueError(f"paradigm {paradigm!r} appears twice (in --{kind} and before)")
+            pairs[paradigm], suite_of[paradigm] = ps, kind
+    text = read_text(cfg.text) if cfg.text else None
+    if text == "":
+        raise ValueError(f"--text={cfg.text} is empty")
+    device = pick_device(cfg.device)
+    if cfg.run:
+        result = evaluate_run(cfg, suite, device)
+        if cfg.json:
+            write_json(result, cfg.json)
+        return result
+
+    model, enc, ckpt = load_checkpoint(cfg.ckpt, device)
+    print(f"{cfg.ckpt}: iter {ckpt.get('iter')}, {fmt_count(ckpt.get('words_seen'))} words seen, "
+          f"mixer={model.config.mixer}")
+    results = dict(ckpt=cfg.ckpt, iter=ckpt.get("iter"), words_seen=ckpt.get("words_seen"))
+    if text is not None:
+        r = results["text"] = perplexity(model, enc, text, device, max(1, cfg.batch_size // 8))
+        print(f"{cfg.text}: ppl {r['ppl']:.3f}, bits per byte {r['bits_per_byte']:.4f}, {r['tokens']} tokens")
+    if suite is not None:
+        t0 = time.time()
+        res = results["babylm"] = score_babylm(model, enc, suite, device, cfg.batch_size, cfg.max_pairs or None,
+                                               progress=True)
+        res["seconds"] = time.time() - t0
+        print_babylm(res, cfg.babylm)
+        results["macro_average"] = res["macro_average"]
     if pairs:
         res = score_pairs(model, enc, pairs, device, cfg.batch_size, cfg.max_pairs or None)
         w = max(map(len, res["paradigms"]))
         for paradigm, a in res["paradigms"].items():
             print(f"{paradigm:<{w}}  {a:6.2f}  ({res['n_pairs'][paradigm]} pairs)")
-        for field, a in res["fields"].items():  # fields of the same name from two suites are pooled
-            print(f"field {field}: {a:.2f}")
+        for name, a in res["fields"].items():  # fields of the same name from two suites are pooled
+            print(f"field {name}: {a:.2f}")
         res["suites"] = {}
-        for suite in dict.fromkeys(suite_of.values()):
-            accs = [a for p, a in res["paradigms"].items() if suite_of[p] == suite]
-            res["suites"][suite] = sum(accs) / len(accs)
-            print(f"{suite} average: {res['suites'][suite]:.2f} over {len(accs)} paradigms")
+        for kind in dict.fromkeys(suite_of.values()):
+            accs = [a for p, a in res["paradigms"].items() if suite_of[p] == kind]
+            res["suites"][kind] = sum(accs) / len(accs)
+            print(f"{kind} average: {res['suites'][kind]:.2f} over {len(accs)} paradigms")
         results.update(res)
     if cfg.json:
-        write_json_atomic(results, cfg.json)
-    if pairs:
+        write_json(results, cfg.json)
+    if "macro_average" in results:
         print(f"macro-average: {results['macro_average']:.2f}")
     return results
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main)
