@@ -1,0 +1,31 @@
+"""
+The Hugging Face config of an exported BLaLM: the fields of blalm.BLaLMConfig, flat in config.json, beside
+transformers' own keys. Copied into every folder that export.py writes (never imported from the repository:
+its relative imports need the folder's copy of blalm.py).
+"""
+
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from transformers import PretrainedConfig
+
+from .blalm import BLaLMConfig
+
+if TYPE_CHECKING:  # never run: transformers < 5 copies out of a local folder only the files that this file
+    # imports relatively, and blalm.py imports these two (mlstm_triton only for kernel="triton": it needs triton)
+    from .hedgehog import linear_attention_chunkwise
+    from .mlstm_triton import intra_chunk
+
+
+class BLaLMHFConfig(PretrainedConfig):
+    model_type = "blalm"
+
+    def __init__(self, **kwargs):
+        ours = {f.name: kwargs.pop(f.name, f.default) for f in fields(BLaLMConfig)}
+        kwargs.setdefault("tie_word_embeddings", True)  # lm_head.weight is the embedding matrix
+        super().__init__(**kwargs)
+        for name, value in ours.items():  # after super(): transformers >= 5 resets its own fields there
+            setattr(self, name, value)
+
+    def blalm_config(self):
+        return BLaLMConfig(**{f.name: getattr(self, f.name) for f in fields(BLaLMConfig)})
