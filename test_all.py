@@ -3,17 +3,59 @@
 Grouped by file in the order of the design: blalm.py, hedgehog.py, muon.py, data.py, train/eval/sample,
 bench.py, notebooks. Each test's name states the property it proves."""
 
+import ast
+from collections import Counter
+import copy
+import gzip
+import importlib.util
+import io
+import json
 import math
-import warnings
+import os
 from pathlib import Path
+import pickle
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import warnings
 
+import numpy as np
 import pytest
+import regex
+import tiktoken
+import tiktoken.load
+from tiktoken_ext.openai_public import r50k_pat_str
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import blalm
-from blalm import (BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_step,
-                   segsum)
+from blalm import (_intra_chunk_torch, BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent,
+                   mlstm_step, segsum)
+import common
+from common import parse_args, save_checkpoint
+import convert
+from convert import (add_lora, attention_maps, distill_feature_maps, distillation_losses, finetune, layer_qk,
+                     load_softmax_model, LoRALinear, make_student, merge_lora)
+import data
+from data import synthetic_minimal_pairs, tokenizer_to_dict, train_bpe
+import eval as evaluate
+from eval import load_pairs, main as eval_main, Pair, perplexity, score_pairs, sentence_logprobs
+import export
+from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy, attention_monotonicity, causal_mask,
+                      elu_plus_one, EluFeatureMap, HedgehogFeatureMap, linear_attention_chunkwise,
+                      linear_attention_parallel, linear_attention_recurrent, linear_attention_step,
+                      linear_attention_weights, performer_map, performer_projection, relu_map,
+                      softmax_attention_weights, taylor_map)
+from muon import configure_optimizers, Muon, split_params, zeropower_via_newtonschulz5
+import prepare
+import synthetic
+import train
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parent
@@ -22,6 +64,39 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+# =============================================================================
+# the layout: imports point down the layers of the README
+
+
+LAYERS = {"hedgehog": 1, "muon": 1, "mlstm_triton": 1,            # math: torch only
+          "blalm": 2, "data": 2, "synthetic": 2,                   # model and data
+          "common": 3,                                             # plumbing
+          "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4}  # scripts
+
+
+def project_imports(path):
+    """The project modules a file imports, at module level and inside functions alike."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(LAYERS)
+
+
+def test_imports_point_down_the_layers_with_no_cycle_and_no_importer_of_train():
+    files = {p.stem: p for p in ROOT.glob("*.py") if not p.stem.startswith("test_")}
+    assert set(files) <= set(LAYERS), f"files without a layer: {set(files) - set(LAYERS)}"
+    graph = {name: project_imports(path) for name, path in files.items()}
+    for name, deps in graph.items():
+        assert "train" not in deps, f"{name}.py imports train.py"
+        for dep in deps:
+            downward = LAYERS[dep] < LAYERS[name] or (name, dep) in (("data", "synthetic"), ("train", "eval"))
+            assert downward, f"{name}.py (layer {LAYERS[name]}) imports {dep}.py (layer {LAYERS[dep]})"
+    assert not any(graph[m] for m in ("hedgehog", "muon", "mlstm_triton") if m in graph), "a math file imports the project"
 
 
 # =============================================================================
@@ -183,12 +258,6 @@ def test_mlstm_chunkwise_bfloat16_errs_like_flash_attention_where_sums_cancel():
 # interpreter is on or a GPU is present; otherwise test_triton_kernel_tests_pass_under_the_interpreter runs
 # them (-k triton) in a subprocess with the interpreter on. Without triton (as in CI) they skip.
 
-import importlib.util
-import os
-import subprocess
-import sys
-
-from blalm import _intra_chunk_torch
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -407,7 +476,13 @@ def test_model_forms_and_loss_are_consistent(variant):
     idx = torch.randint(0, 61, (3, 20))
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 20, 61)
-    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, 61), idx.view(-1)).item(), rel=1e-6)
+    # the definition, token by token in float64: -log(exp(l_y) / sum_j exp(l_j)), targets of -1 left out
+    targets = idx.clone()
+    targets[0, :5] = -1
+    loss = model(idx, targets)[1]
+    nll = [math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in
+           zip(logits.double().view(-1, 61).tolist(), targets.view(-1).tolist()) if y != -1]
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert loss.item() == pytest.approx(math.log(61), rel=0.1)    # small init: near-uniform predictions
 
 
@@ -424,16 +499,6 @@ def test_mlstm_forms_give_the_same_model_output():
     assert rel_err(outs["recurrent"], outs["chunkwise"]) < 1e-12
 
 
-def cache_tensors(cache):
-    """(key, tensor) for every tensor a decoding cache holds, per layer (a state tuple gives several)."""
-    return [(key, t) for layer in cache["layers"] for key, v in layer.items()
-            for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
-
-
-def cache_numel(cache):
-    return sum(t.numel() for _, t in cache_tensors(cache))
-
-
 def test_mlstm_decoding_memory_does_not_grow_with_context():
     torch.manual_seed(0)
     model = BLaLM(BLaLMConfig(**TINY, swa_window=8)).eval()
@@ -443,7 +508,7 @@ def test_mlstm_decoding_memory_does_not_grow_with_context():
         model(torch.randint(0, 61, (1, 20)), cache=cache)
         for t in range(200):
             model(torch.randint(0, 61, (1, 1)), cache=cache)
-            sizes.append(cache_numel(cache))
+            sizes.append(cache.nbytes())
     assert len(set(sizes)) == 1, f"cache size changed: {sorted(set(sizes))}"
 
 
@@ -466,7 +531,7 @@ def test_sliding_window_attention_both_paths_match_the_banded_softmax_float64(T,
 
 def test_compiled_blocks_keep_the_training_length_static_after_evaluation_at_other_lengths():
     # flex_attention (the SWA branch of compiled GPU training) cannot take a symbolic length; torch.compile makes a
-    # length symbolic once it has seen two, e.g. minimal pairs scored between training steps. Record the graphs.
+    # length symbolic once a frame has seen two, e.g. minimal pairs scored between training steps. Record the graphs.
     graphs = []
 
     def record(gm, example_inputs):
@@ -480,16 +545,19 @@ def test_compiled_blocks_keep_the_training_length_static_after_evaluation_at_oth
     torch._dynamo.reset()
     model = BLaLM(BLaLMConfig(**TINY, swa_window=4, chunk_size=4)).compile_blocks(backend=record)
     try:
+        idx = torch.randint(0, 61, (2, 24))
+        model.train()
+        model(idx, idx)[1].backward()
+        assert graphs and not any(symbolic(g) for g in graphs), "the training graph is not static"
+        n_training_graphs = len(graphs)
         model.eval()
         with torch.no_grad():
-            for T in (10, 12):  # the second length makes the blocks' graph dynamic in T
+            for T in (10, 12, 17):  # evaluation at other lengths runs the blocks eagerly: no graph, no recompile
                 model(torch.randint(0, 61, (2, T)))
-        assert symbolic(graphs[-1]), "two lengths did not make the graph dynamic: the test would prove nothing"
+        assert len(graphs) == n_training_graphs
         model.train()
-        graphs.clear()
-        idx = torch.randint(0, 61, (2, 24))
-        model(idx, idx)[1].backward()
-        assert graphs and not any(symbolic(g) for g in graphs)
+        model(idx, idx)[1].backward()   # the training length again: the graph compiled first is reused
+        assert len(graphs) == n_training_graphs
     finally:
         torch._dynamo.reset()
 
@@ -503,9 +571,10 @@ def test_cache_after_a_long_prompt_holds_no_view_into_the_prompts_activations():
         cache = model.new_cache()
         with torch.no_grad():
             model(torch.randint(0, 61, (1, 200)), cache=cache)
-        for key, t in cache_tensors(cache):
+        assert cache.tensors(), "the cache holds nothing: the test would prove nothing"
+        for layer, key, t in cache.tensors():
             held, own = t.untyped_storage().nbytes(), t.numel() * t.element_size()
-            assert held == own, f"{cfg} cache[{key!r}] holds {held} bytes for {own} of its own"
+            assert held == own, f"{cfg} layer {layer} cache.{key} holds {held} bytes for {own} of its own"
 
 
 def test_generate_extends_the_prompt_and_greedy_matches_argmax():
@@ -579,37 +648,45 @@ def test_gpt2_state_dict_without_transformer_prefix_loads_too():
 @pytest.mark.parametrize("bad,message", [
     (dict(mixer="rnn"), "mixer='rnn'"), (dict(feature_map="elu"), "feature_map='elu'"),
     (dict(mlstm_form="fast"), "mlstm_form='fast'"), (dict(n_embd=30, n_head=4), "n_embd=30"),
-    (dict(swa_window=-1), "swa_window=-1"),
+    (dict(swa_window=-1), "swa_window=-1"), (dict(gate_softcap=-1.0), "gate_softcap=-1.0"),
+    (dict(mixer="attn", feature_map="hedgehog"), "applies to mixer='mlstm' only"), (dict(dropout=1.0), "dropout=1.0"),
 ])
 def test_bad_config_raises_naming_the_value(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         BLaLMConfig(**{**TINY, **bad})
 
 
-def test_bad_token_ids_and_ranks_raise_naming_the_value():
+def test_bad_token_tensors_and_lengths_raise_naming_the_value():
+    # the values of token ids are checked where data enters (bins, prompts, sentences), not in every forward
     model = BLaLM(BLaLMConfig(**TINY))
-    with pytest.raises(ValueError, match="token id 61 is outside"):
-        model(torch.tensor([[1, 61]]))
-    with pytest.raises(ValueError, match="token id -1 is outside"):
-        model(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match="rank 1"):
-        model(torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="integer tensor"):
-        model(torch.rand(1, 3))
+    for bad in (torch.tensor([1, 2, 3]), torch.rand(1, 3), torch.zeros(1, 3, dtype=torch.uint8),
+                torch.zeros(1, 3, dtype=torch.int16), torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="int64/int32 token ids"):
+            model(bad)
     attn = BLaLM(BLaLMConfig(**{**TINY, "block_size": 8}, mixer="attn"))
     with pytest.raises(ValueError, match="block_size=8"):
         attn(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_num_params_counts_unique_parameters_and_flops_grow_with_the_mixer():
-    model = BLaLM(BLaLMConfig(**TINY))
-    unique = {id(p): p.numel() for p in model.parameters()}
-    assert model.num_params(non_embedding=False) == sum(unique.values())
-    assert model.num_params() == sum(unique.values()) - 61 * 16
-    plain = BLaLM(BLaLMConfig(**TINY, swa_window=0))
-    # 6 FLOPs per matmul weight is the floor; the mixer adds its own work on top
-    assert model.flops_per_token() > 6 * (model.num_params() + 61 * 16)
-    assert plain.flops_per_token() < model.flops_per_token()
+def test_num_params_matches_a_count_by_hand_with_the_tied_head_once():
+    # TINY attn with biases, C = 16, V = 61, block 64, 2 layers: per layer ln_1, ln_2 (weight + bias, 2 x 32),
+    # c_attn 16x48 + 48, c_proj 16x16 + 16, c_fc 16x64 + 64, mlp.c_proj 64x16 + 16; ln_f 32; wte 61x16
+    # (= lm_head, tied); wpe 64x16
+    model = BLaLM(BLaLMConfig(**TINY, mixer="attn", bias=True))
+    per_layer = 64 + (768 + 48) + (256 + 16) + (1024 + 64) + (1024 + 16)
+    assert model.num_params(non_embedding=False) == 2 * per_layer + 32 + 61 * 16 + 64 * 16
+    assert model.num_params() == 2 * per_layer + 32
+
+
+def test_flops_per_token_of_the_softmax_model_match_a_count_by_hand():
+    # 6 FLOPs (forward 2, backward 4) per weight of each matrix multiply: per layer c_attn 16x48, c_proj 16x16,
+    # c_fc 16x64, mlp.c_proj 64x16 = 3072 weights, plus the head 16x61 = 976; biases and norms are not matmuls.
+    # Attention per layer and token, forward: q.k and a.v, 2 FLOPs each over 8 dims, 2 heads, T/2 = 32 keys on
+    # average = 2048; training is 3x forward.
+    model = BLaLM(BLaLMConfig(**TINY, mixer="attn", bias=True))
+    assert model.flops_per_token(64) == 6 * (2 * 3072 + 976) + 3 * 2 * 2048
+    blalm_model, plain = BLaLM(BLaLMConfig(**TINY)), BLaLM(BLaLMConfig(**TINY, swa_window=0))
+    assert plain.flops_per_token() < blalm_model.flops_per_token()   # the SWA branch adds its own work
 
 
 def test_forget_gate_bias_starts_between_3_and_6():
@@ -620,31 +697,7 @@ def test_forget_gate_bias_starts_between_3_and_6():
 
 
 # =============================================================================
-# hedgehog.py: feature maps, linear attention in three forms, distillation, conversion
-
-import math
-
-import pytest
-import torch
-
-from hedgehog import (
-    HedgehogFeatureMap,
-    attention_distillation_loss,
-    attention_entropy,
-    attention_monotonicity,
-    elu_plus_one,
-    linear_attention_chunkwise,
-    linear_attention_parallel,
-    linear_attention_recurrent,
-    linear_attention_step,
-    linear_attention_weights,
-    performer_map,
-    performer_projection,
-    relu_map,
-    softmax_attention_weights,
-    taylor_map,
-)
-
+# hedgehog.py: feature maps, linear attention in three forms, distillation (convert.py at the end)
 
 
 def make_qkv(B=2, NH=2, T=13, DF=5, DV=3, dtype=torch.float64, seed=0):
@@ -1033,23 +1086,7 @@ def test_monotonicity_is_one_for_softmax_and_minus_one_when_reversed():
 
 
 # -----------------------------------------------------------------------------
-# Conversion of a trained softmax model (stage 1: distillation, stage 2: finetuning)
-
-import json
-
-from blalm import BLaLM, BLaLMConfig
-from hedgehog import (
-    EluFeatureMap,
-    LoRALinear,
-    add_lora,
-    attention_maps,
-    distill_feature_maps,
-    distillation_losses,
-    layer_qk,
-    load_softmax_model,
-    make_student,
-    merge_lora,
-)
+# convert.py: conversion of a trained softmax model (stage 1: distillation, stage 2: finetuning)
 
 
 def tiny_teacher(vocab_size=64, block_size=32, spiky=10.0, dtype=torch.float32, seed=0):
@@ -1184,14 +1221,11 @@ def gpt2_style_state_dict(model):
 
 def fake_gpt2_encoding():
     """A stand-in for tiktoken's GPT-2 encoding (no network here): byte tokens, named "gpt2"."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks={bytes([b]): b for b in range(256)},
                              special_tokens={"<|endoftext|>": 256})
 
 
 def test_gpt2_state_dict_through_init_from_gives_the_same_logits(tmp_path, monkeypatch):
-    import tiktoken
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake_gpt2_encoding())
     original = tiny_teacher(vocab_size=257, spiky=1.0, seed=3)
     torch.save(gpt2_style_state_dict(original), tmp_path / "pytorch_model.bin")
@@ -1205,8 +1239,6 @@ def test_gpt2_state_dict_through_init_from_gives_the_same_logits(tmp_path, monke
 
 
 def test_gpt2_loading_errors_say_what_is_missing(tmp_path, monkeypatch):
-    import importlib.util
-    import tiktoken
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_softmax_model(f"gpt2:{tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
@@ -1228,7 +1260,6 @@ def test_gpt2_loading_errors_say_what_is_missing(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_prepared_data(tmp_path_factory):
-    import data
     out = tmp_path_factory.mktemp("hedgehog_data") / "synthetic"
     data.prepare("synthetic", out, budget_words=4000, vocab_size=300, pairs_per_phenomenon=2, verbose=False)
     return out
@@ -1236,9 +1267,7 @@ def tiny_prepared_data(tmp_path_factory):
 
 def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_hedgehog_checkpoint(
         tiny_prepared_data, tmp_path):
-    import data
-    import hedgehog
-    from train import load_checkpoint, save_checkpoint
+    from common import load_checkpoint, save_checkpoint
     torch.set_num_threads(1)
     meta = data.load_meta(tiny_prepared_data)
     tokenizer = data.tokenizer_to_dict(data.load_tokenizer(tiny_prepared_data))
@@ -1246,9 +1275,9 @@ def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_he
     save_checkpoint({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 7, "tokens_seen": 1000,
                      "words_seen": 300.0, "tokenizer": tokenizer}, str(tmp_path / "teacher.pt"))
     out = tmp_path / "converted"
-    hedgehog.main([f"--init_from={tmp_path / 'teacher.pt'}", f"--data={tiny_prepared_data}", f"--out_dir={out}",
-                   "--stage1_iters=25", "--stage2_iters=4", "--batch_size=4", "--block_size=24", "--lr1=0.03",
-                   "--eval_iters=2", "--log_interval=0", "--device=cpu", "--lora_rank=2"])
+    convert.main([f"--init_from={tmp_path / 'teacher.pt'}", f"--data={tiny_prepared_data}", f"--out_dir={out}",
+                  "--stage1_iters=25", "--stage2_iters=4", "--batch_size=4", "--block_size=24", "--lr1=0.03",
+                  "--eval_iters=2", "--log_interval=0", "--device=cpu", "--lora_rank=2"])
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").is_file()
     assert sum(report["distill_after"]) < 0.5 * sum(report["distill_before"])
@@ -1269,36 +1298,91 @@ def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_he
 
 
 def test_conversion_refuses_data_of_another_tokenizer_and_bad_flags(tiny_prepared_data, tmp_path, capsys):
-    import data
-    import hedgehog
-    from train import save_checkpoint
+    from common import save_checkpoint
     teacher = tiny_teacher(vocab_size=data.load_meta(tiny_prepared_data)["vocab_size"])
     save_checkpoint({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 0, "tokens_seen": 0,
                      "words_seen": 0, "tokenizer": {"name": "gpt2"}}, str(tmp_path / "teacher.pt"))
     with pytest.raises(ValueError, match="another tokenizer"):
-        hedgehog.main([f"--init_from={tmp_path / 'teacher.pt'}", f"--data={tiny_prepared_data}", "--device=cpu"])
+        convert.main([f"--init_from={tmp_path / 'teacher.pt'}", f"--data={tiny_prepared_data}", "--device=cpu"])
     with pytest.raises(ValueError, match="--lora_rank"):
-        hedgehog.main(["--lora_rnak=2"])
+        convert.main(["--lora_rnak=2"])
     with pytest.raises(ValueError, match="feature_map"):
-        hedgehog.main(["--init_from=x", "--data=y", "--feature_map=relu"])
+        convert.main(["--init_from=x", "--data=y", "--feature_map=relu"])
     with pytest.raises(SystemExit):
-        hedgehog.main(["--help"])
+        convert.main(["--help"])
     assert "--stage1_iters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("diagonal", [-1, 0, 2])
+def test_causal_mask_is_true_where_s_at_most_t_plus_diagonal(diagonal):
+    T = 6
+    mask = causal_mask(T, "cpu", diagonal)
+    assert mask.dtype == torch.bool and mask.shape == (T, T)
+    for t in range(T):
+        for s in range(T):
+            assert mask[t, s].item() == (s <= t + diagonal), (t, s)
+
+
+def test_acc_dtype_is_float32_at_least_and_keeps_float64():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert acc_dtype(dtype) == torch.float32
+    assert acc_dtype(torch.float64) == torch.float64
+
+
+def test_hedgehog_is_a_math_file_importing_only_torch_and_the_standard_library():
+    tree = ast.parse((ROOT / "hedgehog.py").read_text())
+    project = {p.stem for p in ROOT.glob("*.py")}
+    imported = set()
+    for node in ast.walk(tree):  # module level and inside functions alike
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported and not imported & project, imported & project
+    assert imported <= {"math", "torch"} | set(sys.stdlib_module_names), imported
+    main_blocks = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+    assert not main_blocks  # no command line in a math file: that is convert.py's
+
+
+def test_convert_runs_as_a_script_and_a_bad_flag_is_a_one_line_error(monkeypatch, capsys):
+    out = subprocess.run([sys.executable, "convert.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "python convert.py --init_from=" in out.stdout and "--stage1_iters=300" in out.stdout
+    monkeypatch.setattr(sys, "argv", ["convert.py", "--stage1_iters=-1"])
+    with pytest.raises(SystemExit) as exit_:
+        convert.run_cli(convert.main)  # what the script's __main__ block runs
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: --init_from")
+
+
+def test_finetune_learning_rate_warms_up_linearly_then_follows_cosine_to_a_tenth(monkeypatch):
+    torch.manual_seed(0)
+    teacher = BLaLM(BLaLMConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, mixer="attn", bias=True,
+                                chunk_size=4))
+    student = make_student(teacher)
+    rates = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    lr, iters, warmup = 1e-3, 10, 3
+    history = finetune(student, lambda: (x, x), iters, lr, warmup_iters=warmup)
+    assert len(history) == iters and len(rates) == iters
+    # hand-written: (it + 1) / warmup during warmup, then lr/10 + (lr - lr/10) (1 + cos(pi p)) / 2 with
+    # p = (it - warmup) / (iters - warmup)
+    expected = [lr * (it + 1) / warmup if it < warmup else
+                lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / (iters - warmup))))
+                for it in range(iters)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[warmup] == pytest.approx(lr) and all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
 
 
 # =============================================================================
 # muon.py: Newton-Schulz, Muon, the optimizer split
 
-import copy
-import io
-import math
-import re
-
-import pytest
-import torch
-import torch.nn as nn
-
-from muon import Muon, configure_optimizers, split_params, zeropower_via_newtonschulz5
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -1534,7 +1618,6 @@ def test_split_of_a_blalm_model_sends_hidden_matrices_to_muon_and_the_rest_to_ad
 def test_muon_reaches_a_lower_training_loss_than_adamw_on_the_builtin_data(tiny_data):
     """The same tiny BLaLM, seed, batches and steps; each optimizer at its usual rate (Muon 0.02 with AdamW
     3e-3 for the non-matrix parameters; AdamW 3e-3 everywhere). Mean loss over the last 10 of 80 steps."""
-    import data
     losses = {}
     for name in ("muon", "adamw"):
         torch.manual_seed(0)
@@ -1626,23 +1709,8 @@ def test_configure_optimizers_summary_names_each_part_and_rejects_unknown_optimi
 # =============================================================================
 # data.py: corpora, curation, readability, BPE, bins, batches
 
-import gzip
-import json
-import pickle
-from collections import Counter
-from pathlib import Path
 
-import numpy as np
-import pytest
-import regex
-import tiktoken
-import tiktoken.load
-import torch
-
-import data
-
-DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
-CORPUS = DATA / "corpus"
+CORPUS = SHARED / "corpus"
 
 
 def corpus_sample(n_chars=3000):
@@ -1829,8 +1897,8 @@ def write_source(folder, docs):
 
 def test_budget_weights_and_whole_document_validation(tmp_path):
     src = tmp_path / "corpus"
-    write_source(src / "big", data.synthetic_corpus(12000, seed=1))
-    write_source(src / "small", data.synthetic_corpus(1500, seed=2))
+    write_source(src / "big", synthetic.synthetic_corpus(12000, seed=1))
+    write_source(src / "small", synthetic.synthetic_corpus(1500, seed=2))
     kw = dict(vocab_size=300, doc_words=100, verbose=False, seed=3)
     meta = data.prepare(src, tmp_path / "a", budget_words=6000, sources="big:1,small:1", val_fraction=0.1, **kw)
     s = meta["sources"]
@@ -1851,7 +1919,7 @@ def test_babylm_layout_uses_dev_files_for_validation_and_never_reads_test(tmp_pa
     for folder, suffix, seed in (("train_10M", "train", 1), ("dev", "dev", 2), ("test", "test", 3)):
         (root / folder).mkdir(parents=True)
         for name in ("childes", "gutenberg"):
-            docs = data.synthetic_corpus(800, seed=seed + (10 if name == "gutenberg" else 0))
+            docs = synthetic.synthetic_corpus(800, seed=seed + (10 if name == "gutenberg" else 0))
             if suffix == "test":
                 docs = ["Zyxwvut marks the test file."] * 3
             (root / folder / f"{name}.{suffix}").write_text("\n\n".join(docs) + "\n")
@@ -1866,7 +1934,7 @@ def test_babylm_layout_uses_dev_files_for_validation_and_never_reads_test(tmp_pa
 
 def test_curriculum_orders_training_documents_easy_to_hard(tmp_path):
     src = tmp_path / "corpus"
-    write_source(src / "easy", data.synthetic_corpus(1500, seed=1))
+    write_source(src / "easy", synthetic.synthetic_corpus(1500, seed=1))
     write_source(src / "hard", corpus_sample(1500))
     data.prepare(src, tmp_path / "out", vocab_size=300, doc_words=60, val_fraction=0.0, curriculum=True, verbose=False)
     ease = [data.readability(d) for d in read_split_docs(tmp_path / "out", "train")]
@@ -1898,14 +1966,13 @@ def test_prepare_synthetic_bins_match_meta_and_encode_each_document(synthetic_di
         assert abs(data.words_per_token(meta, split) - info["words"] / info["tokens"]) < 1e-12
     assert meta["splits"]["train"]["words"] <= 5000
     pairs = [json.loads(line) for f in sorted((synthetic_dir / "pairs").glob("*.jsonl")) for line in open(f)]
-    assert len(pairs) == 20 * len(data.PHENOMENA) and {p["UID"] for p in pairs} == set(data.PHENOMENA)
+    assert len(pairs) == 20 * len(synthetic.PHENOMENA) and {p["UID"] for p in pairs} == set(synthetic.PHENOMENA)
     assert all(p["field"] and p["sentence_good"] != p["sentence_bad"] for p in pairs)
     assert (synthetic_dir / "readability.png").stat().st_size > 0
     assert "teaching" in (synthetic_dir / "report.md").read_text()
 
 
 def test_tampered_or_truncated_files_are_refused(synthetic_dir, tmp_path):
-    import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(synthetic_dir, out)
@@ -1941,10 +2008,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer='wordpiece'"):
         data.prepare("synthetic", tmp_path / "out", tokenizer="wordpiece", verbose=False)
     with pytest.raises(ValueError, match="--nope=1"):
-        data.parse_args(["--nope=1"])
+        parse_args(["--nope=1"], prepare.DataConfig)
     with pytest.raises(ValueError, match="--budget_words=ten"):
-        data.parse_args(["--budget_words=ten"])
-    assert data.parse_args(["--budget_words=1e7", "--curriculum=true"]).budget_words == 10_000_000
+        parse_args(["--budget_words=ten"], prepare.DataConfig)
+    assert parse_args(["--budget_words=1e7", "--curriculum=true"], prepare.DataConfig).budget_words == 10_000_000
     assert not (tmp_path / "out").exists()
 
 
@@ -1960,11 +2027,11 @@ def test_failed_prepare_writes_nothing_and_keeps_previous_output(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the synthetic grammar, checked by a recogniser written from the lexicon alone
+# synthetic.py: the grammar, checked by a recogniser written from the lexicon alone
 
-PLURAL = {n.plural: s for s, n in data.NOUNS.items()}
+PLURAL = {n.plural: s for s, n in synthetic.NOUNS.items()}
 WORD_FORMS = {}  # word -> [(lemma, "base" | "s3" | "past")]
-for lemma, v in data.VERBS.items():
+for lemma, v in synthetic.VERBS.items():
     for word, kind in ((lemma, "base"), (v.s3, "s3"), (v.past, "past")):
         WORD_FORMS.setdefault(word, []).append((lemma, kind))
 SUBJECT = {"I": ("I", "myself"), "you": ("pl", "yourself"), "he": ("3sg", "himself"), "she": ("3sg", "herself"),
@@ -1976,7 +2043,7 @@ DOES = {"do": ("I", "pl"), "does": ("3sg",), "did": ("I", "3sg", "pl")}
 
 
 def base_form_with_frame(word, frame):
-    return any(kind == "base" and frame in data.VERBS[lemma].frames for lemma, kind in WORD_FORMS.get(word, []))
+    return any(kind == "base" and frame in synthetic.VERBS[lemma].frames for lemma, kind in WORD_FORMS.get(word, []))
 
 
 class Recognizer:
@@ -1985,7 +2052,7 @@ class Recognizer:
 
     def __init__(self, sentence):
         self.punct, words = sentence[-1], sentence[:-1].split()
-        if words and words[0] not in data.NAMES and words[0] != "I":
+        if words and words[0] not in synthetic.NAMES and words[0] != "I":
             words[0] = words[0][0].lower() + words[0][1:]
         self.w = words
 
@@ -1994,26 +2061,26 @@ class Recognizer:
 
     def det_np(self, i):  # -> {(end, agreement, reflexive)}: Det (Adj) N, determiner and noun agree
         out, det = set(), self.at(i)
-        if det not in data.DETERMINERS:
+        if det not in synthetic.DETERMINERS:
             return out
         for k in (i + 1, i + 2):
-            if k == i + 2 and self.at(i + 1) not in data.ADJECTIVES:
+            if k == i + 2 and self.at(i + 1) not in synthetic.ADJECTIVES:
                 continue
             word = self.at(k)
             for noun, number in ((word, "sg"), (PLURAL.get(word), "pl")):
-                if noun not in data.NOUNS or data.DETERMINERS[det] not in ("any", number):
+                if noun not in synthetic.NOUNS or synthetic.DETERMINERS[det] not in ("any", number):
                     continue
                 if det in ("a", "an") and (det == "an") != (self.at(i + 1)[0] in "aeiou"):
                     continue
-                animate = data.NOUNS[noun].kind in ("animal", "person")
-                if k == i + 2 and not animate and data.ADJECTIVES[self.at(i + 1)] != "any":
+                animate = synthetic.NOUNS[noun].kind in ("animal", "person")
+                if k == i + 2 and not animate and synthetic.ADJECTIVES[self.at(i + 1)] != "any":
                     continue
-                refl = {"m": "himself", "f": "herself", "n": "itself"}[data.NOUNS[noun].gender]
+                refl = {"m": "himself", "f": "herself", "n": "itself"}[synthetic.NOUNS[noun].gender]
                 out.add((k + 1, "3sg" if number == "sg" else "pl", refl if number == "sg" else "themselves"))
         return out
 
     def pp(self, i):
-        return {j for j, _, _ in self.det_np(i + 1)} if self.at(i) in data.PREPOSITIONS else set()
+        return {j for j, _, _ in self.det_np(i + 1)} if self.at(i) in synthetic.PREPOSITIONS else set()
 
     def rc(self, i, agr):  # that + a finite VP agreeing with the head, with nothing to bind a reflexive
         if self.at(i) != "that":
@@ -2027,21 +2094,21 @@ class Recognizer:
         w, out = self.at(i), set()
         if w in SUBJECT:
             out.add((i + 1, *SUBJECT[w], w))
-        if w in data.NAMES:
-            out.add((i + 1, "3sg", {"m": "himself", "f": "herself"}[data.NAMES[w]], None))
+        if w in synthetic.NAMES:
+            out.add((i + 1, "3sg", {"m": "himself", "f": "herself"}[synthetic.NAMES[w]], None))
         for j, agr, refl in self.det_np(i):
             for k in {j} | self.pp(j):
                 out |= {(m, agr, refl, None) for m in {k} | self.rc(k, agr)}
         return out
 
     def predicate(self, i):
-        return ({i + 1} if self.at(i) in data.ADJECTIVES else set()) | self.pp(i)
+        return ({i + 1} if self.at(i) in synthetic.ADJECTIVES else set()) | self.pp(i)
 
     def obj(self, i, refl, pron):
         w, out = self.at(i), set()
         if w in OBJECT and not (OBJECT[w] == pron and pron in ("I", "we", "you")):  # no "I see me"
             out.add(i + 1)
-        if w in data.NAMES:
+        if w in synthetic.NAMES:
             out.add(i + 1)
         if w in REFLEXIVES and refl is not None and (w == refl or (refl == "yourself" and w == "yourselves")):
             out.add(i + 1)
@@ -2056,7 +2123,7 @@ class Recognizer:
                 continue
             if not finite and kind != "base":
                 continue
-            frames = data.VERBS[lemma].frames
+            frames = synthetic.VERBS[lemma].frames
             if "intr" in frames:
                 out |= {i + 1} | self.pp(i + 1)
             if "tr" in frames:
@@ -2080,7 +2147,7 @@ class Recognizer:
         if p in ".!":
             start = 1 if w[0] == "please" else 0
             ends |= self.vp(start, "pl", False, "yourself", "you")
-            if self.at(start) == "be" and self.at(start + 1) in data.ADJECTIVES:
+            if self.at(start) == "be" and self.at(start + 1) in synthetic.ADJECTIVES:
                 ends.add(start + 2)
         if p == "?":
             if w[0] in DOES:
@@ -2128,7 +2195,7 @@ def check_pair(pair):
         lexical = {(l1, frozenset((k1, k2))) for l1, k1 in WORD_FORMS.get(gw, []) for l2, k2 in WORD_FORMS.get(bw, []) if l1 == l2}
         assert frozenset((gw, bw)) in copulas or any(ks == {"base", "s3"} for _, ks in lexical), (good, bad)
         if uid == "agreement_across_prepositional_phrase":
-            assert any(w in data.PREPOSITIONS for w in words[:i]), good
+            assert any(w in synthetic.PREPOSITIONS for w in words[:i]), good
     elif uid == "determiner_noun_agreement":
         assert {gw, bw} in ({"this", "these"}, {"that", "those"}), (good, bad)
     elif uid == "irregular_past_tense":  # the rule-made past of the same verb: taked, eated, sitted
@@ -2138,35 +2205,35 @@ def check_pair(pair):
         assert gw in REFLEXIVES and bw in REFLEXIVES
     elif uid == "argument_structure":
         (gl, gk), (bl, bk) = WORD_FORMS[gw][0], WORD_FORMS[bw][0]
-        assert gk == bk and "tr" in data.VERBS[gl].frames and data.VERBS[bl].frames == {"intr"}
+        assert gk == bk and "tr" in synthetic.VERBS[gl].frames and synthetic.VERBS[bl].frames == {"intr"}
     else:
         raise AssertionError(f"unknown phenomenon {uid}")
 
 
 def test_synthetic_sentences_are_in_the_grammar_language():
-    docs = data.synthetic_corpus(6000, seed=5)
+    docs = synthetic.synthetic_corpus(6000, seed=5)
     sentences = [s for d in docs for s in d.split("\n")]
     assert len(sentences) > 800 and all(Recognizer(s).accepts() for s in sentences), \
         [s for s in sentences if not Recognizer(s).accepts()][:5]
     kinds = Counter(s[-1] for s in sentences) + Counter(s.split()[0] for s in sentences if s.endswith("?"))
     assert kinds["."] and kinds["?"] and kinds["!"] and kinds["Who"] and kinds["What"] and kinds["Where"]
     assert any(" that " in s for s in sentences) and any(WORD_FORMS.get(w) == [(l, "past")] for s in sentences
-                                                          for w in s[:-1].split() for l in data.IRREGULAR)
+                                                          for w in s[:-1].split() for l in synthetic.IRREGULAR)
     assert Recognizer("The dog sleeps.").accepts() and not Recognizer("The dog sleep.").accepts()
     assert not Recognizer("I see me.").accepts() and Recognizer("I see myself.").accepts()
 
 
 def test_synthetic_pairs_differ_only_in_their_phenomenon():
-    pairs = data.synthetic_minimal_pairs(n_per_phenomenon=150, seed=7)
-    assert Counter(p["UID"] for p in pairs) == {uid: 150 for uid in data.PHENOMENA}
+    pairs = synthetic.synthetic_minimal_pairs(n_per_phenomenon=150, seed=7)
+    assert Counter(p["UID"] for p in pairs) == {uid: 150 for uid in synthetic.PHENOMENA}
     for pair in pairs:
         check_pair(pair)
 
 
 def test_synthetic_corpus_is_deterministic_for_a_seed():
-    a, b, c = data.synthetic_corpus(3000, seed=1), data.synthetic_corpus(3000, seed=1), data.synthetic_corpus(3000, seed=2)
+    a, b, c = synthetic.synthetic_corpus(3000, seed=1), synthetic.synthetic_corpus(3000, seed=1), synthetic.synthetic_corpus(3000, seed=2)
     assert a == b and a != c and sum(len(d.split()) for d in a) >= 3000
-    assert data.synthetic_minimal_pairs(5, seed=1) == data.synthetic_minimal_pairs(5, seed=1)
+    assert synthetic.synthetic_minimal_pairs(5, seed=1) == synthetic.synthetic_minimal_pairs(5, seed=1)
 
 
 # -----------------------------------------------------------------------------
@@ -2214,19 +2281,252 @@ def test_epoch_batches_ranks_split_windows_without_overlap():
     assert flat == list(range(0, 48, 4))  # both ranks together: every window once
 
 
+TINY_PREP = dict(budget_words=2000, vocab_size=300, pairs_per_phenomenon=2)  # a synthetic folder in about a second
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "synthetic"
+    data.prepare("synthetic", out, verbose=False, **TINY_PREP)
+    return out
+
+
+def copy_of(folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def edit_meta(folder, **changes):
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(changes)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def dead_pid():
+    """The pid of a process that has exited and been reaped."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def small_corpus(folder, words=3000, seed=1):
+    (folder / "books").mkdir(parents=True)
+    (folder / "books" / "a.txt").write_text("\n\n".join(synthetic.synthetic_corpus(words, seed=seed)) + "\n")
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# a prepared folder is keyed by source and settings
+
+
+def test_check_prepared_accepts_the_same_preparation_and_names_the_keys_that_differ(tiny_dir, tmp_path):
+    assert data.check_prepared(tiny_dir, "synthetic", **TINY_PREP)
+    assert data.check_prepared(tiny_dir, "synthetic", **{**TINY_PREP, "budget_words": 2000.0})  # same value, other type
+    assert data.check_prepared(tmp_path / "nothing_here", "synthetic", **TINY_PREP) is False
+    with pytest.raises(ValueError, match=r"vocab_size is 300 there, 512 here") as e:
+        data.check_prepared(tiny_dir, "synthetic", **{**TINY_PREP, "vocab_size": 512, "seed": 0})
+    assert "seed is 1337 there, 0 here" in str(e.value) and "budget_words" not in str(e.value)
+    with pytest.raises(ValueError, match="curriculum"):
+        data.check_prepared(tiny_dir, "synthetic", **TINY_PREP, curriculum=True)
+
+
+def test_check_prepared_tells_corpora_of_the_same_folder_name_apart(tmp_path):
+    a, b = small_corpus(tmp_path / "a" / "corpus", seed=1), small_corpus(tmp_path / "b" / "corpus", seed=2)
+    out = tmp_path / "data_prepared" / "corpus"
+    kw = dict(vocab_size=280, val_fraction=0.0, verbose=False)
+    data.prepare(a, out, **kw)
+    assert data.check_prepared(out, a, vocab_size=280, val_fraction=0.0)
+    assert data.check_prepared(out, str(a) + "/", vocab_size=280, val_fraction=0.0)  # the same folder, spelt otherwise
+    with pytest.raises(ValueError, match="source is") as e:
+        data.check_prepared(out, b, vocab_size=280, val_fraction=0.0)
+    assert str(a.resolve()) in str(e.value) and str(b.resolve()) in str(e.value)
+    with (a / "books" / "a.txt").open("a") as f:  # the corpus changed after it was prepared
+        f.write("One more line that was not there before.\n")
+    with pytest.raises(ValueError, match="corpus is"):
+        data.check_prepared(out, a, vocab_size=280, val_fraction=0.0)
+
+
+def test_check_prepared_refuses_a_folder_without_a_record_of_its_settings(tiny_dir, tmp_path):
+    out = copy_of(tiny_dir, tmp_path)
+    edit_meta(out, format="blalm-data-1")  # what data.py wrote before it recorded the resolved source
+    with pytest.raises(ValueError, match="older data.py"):
+        data.check_prepared(out, "synthetic", **TINY_PREP)
+
+
+# -----------------------------------------------------------------------------
+# meta.json and the bins are checked where they enter
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int16", "uint8", "bogus"])
+def test_meta_dtype_other_than_the_two_data_py_writes_is_refused_naming_file_and_value(tiny_dir, tmp_path, dtype):
+    out = copy_of(tiny_dir, tmp_path)
+    edit_meta(out, dtype=dtype)
+    for load in (lambda: data.load_meta(out), lambda: data.open_bin(out, "train")):
+        with pytest.raises(ValueError, match=rf"meta.json: dtype '{dtype}' is not"):
+            load()
+
+
+def test_token_id_out_of_range_is_refused_when_the_bin_is_opened(tiny_dir, tmp_path, monkeypatch):
+    out = copy_of(tiny_dir, tmp_path)
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    assert int(ids.max()) < 300
+    monkeypatch.setattr(data, "ID_CHECK_CHUNK", 7)  # several chunks, the bad id in a late one
+    position = len(ids) - 3
+    ids[position] = 300  # the vocabulary's size: one past the last id
+    ids.tofile(out / "train.bin")
+    with pytest.raises(ValueError, match=rf"train.bin: token id 300 at position {position} is out of range for "
+                                         r"vocab_size 300"):
+        data.open_bin(out, "train")
+    assert len(data.open_bin(out, "val")) > 0  # the other split is fine
+
+
+def test_words_per_token_is_the_meta_ratio_and_refuses_an_empty_split(tmp_path):
+    meta = data.prepare(small_corpus(tmp_path / "corpus"), tmp_path / "out", vocab_size=280, val_fraction=0.0,
+                        verbose=False)
+    info = meta["splits"]["train"]
+    ids = data.open_bin(tmp_path / "out", "train")
+    assert data.words_per_token(meta) == info["words"] / len(ids)
+    with pytest.raises(ValueError, match="val split has no tokens"):
+        data.words_per_token(meta, "val")
+    assert "words_per_token" not in meta  # computed in one place, not stored beside the numbers it comes from
+
+
+# -----------------------------------------------------------------------------
+# stray temporary files and folders; an output folder that cannot be written
+
+
+def test_stray_temps_of_dead_processes_are_removed_and_those_of_live_ones_kept(tmp_path):
+    dead, host = dead_pid(), data._HOST
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    stray_dir = tmp_path / f".old.tmp-{host}-{dead}-x1"
+    (stray_dir / "pairs").mkdir(parents=True)
+    (stray_dir / "train.bin").write_bytes(b"\0" * 100)
+    stray_file = tmp_path / f".meta.json.tmp-{host}-{dead}-x2"
+    stray_file.write_text("{")
+    kept = [tmp_path / f".out.tmp-{host}-{os.getpid()}-x3",       # a live process (this one)
+            tmp_path / f".out.tmp-{other_host}-{dead}-x4",        # another machine's: its pid means nothing here
+            tmp_path / ".out.tmp-abcd1234"]                       # an older name without a pid
+    for k in kept:
+        k.mkdir()
+    data.prepare("synthetic", tmp_path / "out", verbose=False, **TINY_PREP)
+    assert not stray_dir.exists() and not stray_file.exists()
+    assert all(k.exists() for k in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [k.name for k in kept])
+
+
+def test_write_atomic_removes_its_own_dead_temps_only(tmp_path):
+    dead, host = dead_pid(), data._HOST
+    mine, other = tmp_path / f".ckpt.pt.tmp-{host}-{dead}-ab", tmp_path / f".log.jsonl.tmp-{host}-{dead}-cd"
+    mine.write_bytes(b"half a checkpoint")
+    other.write_bytes(b"half a log")
+    data.write_atomic(tmp_path / "ckpt.pt", b"whole")
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"whole" and not mine.exists() and other.exists()
+
+
+def test_a_killed_prepare_leaves_a_temp_folder_that_the_next_prepare_removes(tmp_path):
+    parent = tmp_path / "prepared"
+    parent.mkdir()
+    # a corpus big enough that the run is still curating or training its tokenizer when it is killed
+    p = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source=synthetic", "--synthetic_words=3e6",
+                          f"--out={parent / 'big'}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not any(parent.glob(".big.tmp-*")) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    left = list(parent.glob(".big.tmp-*"))
+    assert len(left) == 1 and not (parent / "big").exists()
+    data.prepare("synthetic", parent / "small", verbose=False, **TINY_PREP)
+    assert sorted(x.name for x in parent.iterdir()) == ["small"]
+
+
+def test_out_that_is_a_file_or_under_a_file_fails_before_any_work(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for out, message in ((a_file, "is a file; expected a folder"), (a_file / "sub" / "out", "notes.txt is a file")):
+        t0 = time.time()
+        with pytest.raises(ValueError, match=message):  # a million synthetic words would take many seconds
+            prepare.main(["--source=synthetic", f"--out={out}"])
+        assert time.time() - t0 < 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    if os.geteuid() != 0:  # root writes into read-only folders, so this case exists only for other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="cannot write in"):
+            prepare.main(["--source=synthetic", f"--out={locked / 'out'}"])
+
+
+# -----------------------------------------------------------------------------
+# what prepare prints
+
+
+def test_budget_not_reached_is_printed_on_the_terminal(tmp_path, capsys):
+    src = small_corpus(tmp_path / "corpus", words=3000)
+    data.prepare(src, tmp_path / "out", budget_words=20_000, vocab_size=280, val_fraction=0.0)
+    meta = data.load_meta(tmp_path / "out")
+    used = meta["splits"]["train"]["words"]
+    line = [l for l in capsys.readouterr().out.splitlines() if "budget not reached" in l]
+    assert line == [f"note: budget not reached: {used} of 20000 training words ({100 * used / 20000:.1f}%); "
+                    f"the sources give only {used} training words after curation"]
+    assert line[0][len("note: "):] in (tmp_path / "out" / "report.md").read_text()
+    data.prepare(src, tmp_path / "out2", budget_words=1000, vocab_size=280, val_fraction=0.0, doc_words=10)
+    assert "budget not reached" not in capsys.readouterr().out
+    data.prepare(src, tmp_path / "out3", budget_words=1000, vocab_size=280, val_fraction=0.0, doc_words=300)
+    assert "(up to doc_words=300 words) leave the rest unfilled" in capsys.readouterr().out  # the corpus had enough
+
+
+def test_bpe_progress_lines_count_up_to_the_total_that_the_last_line_reports():
+    lines = []
+    data.train_bpe(synthetic.synthetic_corpus(3000, seed=1), 400, log=lines.append, log_every=50)
+    progress = [l for l in lines if "/400 tokens" in l]
+    tokens = [int(l.split("bpe: ")[1].split("/")[0]) for l in progress]
+    seconds = [float(l.split(", ")[-1].removesuffix(" s")) for l in progress]
+    assert tokens == [300, 350, 400]  # the vocabulary starts at 257: the 256 bytes and <|endoftext|>
+    last = lines[-1]
+    assert last.startswith("  bpe trained: 400 tokens (") and " merges) in " in last
+    total, counting, merging = (float(last.split(s)[1].split(" s")[0]) for s in (") in ", "of which ", "pre-tokens, "))
+    assert seconds == sorted(seconds) and seconds[-1] <= total + 0.05
+    assert abs(counting + merging - total) <= 0.1
+
+
+# -----------------------------------------------------------------------------
+# the command line is prepare.py; data.py is a library
+
+
+def test_prepare_py_prints_its_help():
+    helped = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--budget_words=0" in helped.stdout and "--out=" in helped.stdout
+
+
+def test_data_py_run_as_a_script_points_to_prepare_py_and_does_nothing(tmp_path):
+    as_script = subprocess.run([sys.executable, str(ROOT / "data.py"), "--source=synthetic"], capture_output=True,
+                               text=True, cwd=tmp_path)
+    assert as_script.returncode == 2 and as_script.stdout == ""
+    assert as_script.stderr == "data.py is the library; run python prepare.py (same flags, --help)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_py_writes_into_data_prepared_by_default(tmp_path, monkeypatch):
+    src = small_corpus(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    prepare.main([f"--source={src}", "--vocab_size=280", "--val_fraction=0"])
+    assert data.check_prepared(tmp_path / "data_prepared" / "corpus", src, vocab_size=280, val_fraction=0.0)
+    assert data.default_out_dir("synthetic") == Path("data_prepared/synthetic")
+
+
+def test_synthetic_module_stands_alone_and_data_reexports_what_eval_imports():
+    assert data.synthetic_minimal_pairs is synthetic.synthetic_minimal_pairs
+    assert data.synthetic_corpus is synthetic.synthetic_corpus
+    done = subprocess.run([sys.executable, "-c", "import sys, synthetic; print(sorted(m for m in sys.modules "
+                           "if m in ('data', 'common', 'torch', 'numpy')))"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
 # =============================================================================
 # train.py: the training job
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-import torch
-
-import train
 
 TINY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--swa_window=8",
             "--chunk_size=16", "--eval_iters=2", "--eval_max_pairs=5", "--log_interval=1", "--warmup_iters=2"]
@@ -2234,7 +2534,6 @@ TINY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--ba
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    import data
     out = tmp_path_factory.mktemp("data") / "synthetic"
     data.prepare("synthetic", out, budget_words=30_000, vocab_size=300, synthetic_words=40_000,
                  pairs_per_phenomenon=20, verbose=False)
@@ -2244,66 +2543,181 @@ def tiny_data(tmp_path_factory):
 def run_train(args, tmp_path, name):
     out = tmp_path / name
     train.main(TINY_RUN + [f"--out_dir={out}"] + args)
-    return out, train.read_checkpoint(str(out / "ckpt.pt"))
+    return out, common.read_checkpoint(str(out / "ckpt.pt"))
+
+
+def log_rows(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
 
 
 def test_tiny_model_trains_on_cpu_and_its_loss_falls(tiny_data, tmp_path):
     out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=25", "--eval_interval=25"], tmp_path, "run")
-    rows = [json.loads(l) for l in open(out / "log.jsonl")]
+    rows = log_rows(out)
     train_losses = [r["loss"] for r in rows if r["kind"] == "train"]
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
     assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 0.5, train_losses
     assert val[-1] < val[0] - 0.5, val
     assert ckpt["iter"] == 25 and ckpt["tokens_seen"] == 25 * 4 * 32
-    assert ckpt["words_seen"] == pytest.approx(ckpt["tokens_seen"] * ckpt["data_meta"]["splits"]["train"]["words"]
-                                               / ckpt["data_meta"]["splits"]["train"]["tokens"])
+    meta = ckpt["data_meta"]["splits"]["train"]
+    assert ckpt["words_seen"] == pytest.approx(ckpt["tokens_seen"] * meta["words"] / meta["tokens"])
     assert (out / "loss.png").is_file()
     assert "pairs_macro" in rows[-1]
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_resume_continues_bit_identically(tiny_data, tmp_path, optimizer):
-    common = [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=4", f"--optimizer={optimizer}"]
-    _, whole = run_train(common, tmp_path, "whole")
-    run_train(common + ["--stop_iter=3"], tmp_path, "halves")
-    _, halves = run_train(common + ["--resume=True"], tmp_path, "halves")
+@pytest.mark.parametrize("optimizer,extra", [("muon", []), ("adamw", []), ("muon", ["--dropout=0.1"])])
+def test_resume_continues_bit_identically(tiny_data, tmp_path, optimizer, extra):
+    # with dropout too: the random generators' states travel in the checkpoint
+    args = [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=4", f"--optimizer={optimizer}"] + extra
+    _, whole = run_train(args, tmp_path, "whole")
+    run_train(args + ["--stop_iter=3"], tmp_path, "halves")
+    _, halves = run_train(args + ["--resume=True"], tmp_path, "halves")
     assert whole["iter"] == halves["iter"] == 8
     for k, v in whole["model"].items():
         assert torch.equal(v, halves["model"][k]), k
     assert whole["batches"] == halves["batches"]
     flat = lambda sd: [t for s in sd["optimizer"]["adamw"]["state"].values() for t in s.values() if torch.is_tensor(t)]
     assert all(torch.equal(a, b) for a, b in zip(flat(whole), flat(halves)))
+    keys = [(r["kind"], r["iter"]) for r in log_rows(tmp_path / "halves")]
+    assert len(keys) == len(set(keys))                                        # the resumed log repeats no row
+    assert [i for kind, i in keys if kind == "train"] == list(range(1, 9))
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, capsys):
+def test_a_second_run_into_a_run_folder_is_refused_and_overwrite_starts_over(tiny_data, tmp_path):
+    out, first = run_train([f"--data={tiny_data}", "--max_iters=3", "--eval_interval=3"], tmp_path, "run")
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run \(ckpt.pt, ckpt_best.pt\).*--resume=True.*--overwrite=True"):
+        run_train([f"--data={tiny_data}", "--max_iters=1"], tmp_path, "run")
+    assert (out / "ckpt.pt").read_bytes() == before
+    (out / "ckpt_7M_words.pt").write_bytes(b"a milestone of the first run")
+    _, second = run_train([f"--data={tiny_data}", "--max_iters=1", "--eval_interval=1", "--overwrite=True"],
+                          tmp_path, "run")
+    assert second["iter"] == 1 and not (out / "ckpt_7M_words.pt").exists()
+
+
+def test_resume_applies_the_new_optimizer_settings_and_records_them(tiny_data, tmp_path):
+    args = [f"--data={tiny_data}", "--max_iters=10", "--eval_interval=5", "--warmup_iters=0", "--schedule=wsd",
+            "--decay_frac=0"]
+    run_train(args + ["--stop_iter=5"], tmp_path, "run")
+    out, ckpt = run_train(args + ["--resume=True", "--learning_rate=0.0001", "--adam_lr=0.00001",
+                                  "--adam_weight_decay=0.5"], tmp_path, "run")
+    later = [r for r in log_rows(out) if r["kind"] == "train" and r["iter"] > 5]
+    assert later and all(r["lr"] == pytest.approx(0.0001) for r in later)      # Muon's group comes first
+    groups = ckpt["optimizer"]["adamw"]["param_groups"]
+    assert {g["initial_lr"] for g in groups} == {0.00001} and max(g["weight_decay"] for g in groups) == 0.5
+    assert ckpt["train_config"]["learning_rate"] == 0.0001
+
+
+def test_a_diverged_model_is_never_checkpointed(tiny_data, tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit):
+        train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=1",
+                               "--learning_rate=1e20", "--adam_lr=1e20", "--grad_clip=0"])
+    said = capsys.readouterr().out
+    assert "not finite" in said
+    for path in out.glob("ckpt*.pt"):
+        ckpt = common.read_checkpoint(str(path))
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), path
+        assert "the last good checkpoint is" in said
+    if not list(out.glob("ckpt*.pt")):
+        assert "no checkpoint was written" in said
+
+
+def test_nonfinite_training_loss_stops_naming_the_step(tiny_data, tmp_path, capsys):
     out = tmp_path / "nan"
     with pytest.raises(SystemExit):
         train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=100",
                                "--optimizer=adamw", "--adam_lr=1e30", "--warmup_iters=1", "--grad_clip=0"])
-    assert "loss is not finite at iter" in capsys.readouterr().out
-    ckpt = train.read_checkpoint(str(out / "ckpt.pt"))
+    assert "training loss at iter" in capsys.readouterr().out
+    ckpt = common.read_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["iter"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_torn_log_line_and_stray_temp_files_of_a_killed_run_are_cleaned_on_resume(tiny_data, tmp_path, capsys):
+    args = [f"--data={tiny_data}", "--max_iters=6", "--eval_interval=3"]
+    out, _ = run_train(args + ["--stop_iter=3"], tmp_path, "run")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "iter": 4, "wor')                   # the write a kill cut short
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stray = out / f".ckpt.pt.tmp-{data._HOST}-{int(dead.stdout)}-abc"  # left by a process that no longer runs
+    stray.write_bytes(b"half a checkpoint")
+    run_train(args + ["--resume=True"], tmp_path, "run")
+    assert "torn" in capsys.readouterr().out and not stray.exists()
+    rows = log_rows(out)
+    assert [r["iter"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
+    train.main([f"--plot={out}", f"--plot_out={tmp_path / 'fig.png'}"])
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_kill_loop_leaves_loadable_consistent_checkpoints_and_ends_where_an_uninterrupted_run_does(tiny_data, tmp_path):
+    # a checkpoint every step; kill -9 at random moments, resume each time; compare with a run left alone
+    args = TINY_RUN + [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=1", "--milestones=False",
+                       "--eval_pairs=none"]
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={tmp_path / 'whole'}"],
+                   check=True, capture_output=True, timeout=300)
+    out, rng = tmp_path / "killed", __import__("random").Random(0)
+
+    def trained_iters():
+        try:
+            return max([r["iter"] for r in log_rows(out) if r["kind"] == "train"], default=0)
+        except (FileNotFoundError, json.JSONDecodeError):   # a line being written
+            return 0
+
+    for attempt in range(4):  # three kills, each a little after the run made progress, then a run to the end
+        resume = (out / "ckpt.pt").is_file()
+        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={out}", f"--resume={resume}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt < 3:
+            start = trained_iters()
+            while p.poll() is None and trained_iters() <= start:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.4))      # anywhere: in a step, an evaluation, a checkpoint write
+            p.kill()
+        p.wait(timeout=300)
+        ckpt = common.read_checkpoint(str(out / "ckpt.pt"))                          # loadable after every kill
+        if (out / "ckpt_best.pt").is_file():
+            best = common.read_checkpoint(str(out / "ckpt_best.pt"))
+            assert best["best_val_loss"] <= ckpt["best_val_loss"] + 1e-12 or best["iter"] > ckpt["iter"]
+    assert p.returncode == 0
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    whole, killed = (common.read_checkpoint(str(d / "ckpt.pt")) for d in (tmp_path / "whole", out))
+    assert killed["iter"] == 8
+    for k, v in whole["model"].items():
+        assert torch.equal(v, killed["model"][k]), k
+    best = common.read_checkpoint(str(out / "ckpt_best.pt"))
+    evals = [r["val_loss"] for r in log_rows(out) if r["kind"] == "eval"]
+    assert best["best_val_loss"] == min(evals) == killed["best_val_loss"]
 
 
 def test_checkpoint_is_written_atomically_and_a_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, str(path))
+    common.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, str(path))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]     # no temporary file left behind
     path.write_bytes(path.read_bytes()[:40])                          # a save cut short
     with pytest.raises(ValueError, match="corrupt"):
-        train.read_checkpoint(str(path))
+        common.read_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="folder without ckpt.pt"):
+        common.read_checkpoint(str(tmp_path / ".."))
+
+
+def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_line(tmp_path):
+    enc = data.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
+    model = BLaLM(BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    path = tmp_path / "ckpt.pt"
+    common.save_checkpoint({"model": model.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
+                            "config": BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=64).to_dict()}, str(path))
+    with pytest.raises(ValueError, match="weights do not fit its config"):
+        common.load_checkpoint(str(path))
 
 
 def test_a_checkpoint_trained_with_the_triton_kernel_loads_on_the_cpu_with_the_same_logits(tmp_path, capsys):
-    import data
     cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, chunk_size=16)
     torch.manual_seed(0)
-    reference = train.BLaLM(train.BLaLMConfig(**cfg)).eval()           # the default kernel, on the CPU
+    reference = BLaLM(BLaLMConfig(**cfg)).eval()           # the default kernel, on the CPU
     enc = data.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"model": reference.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
-                           "config": train.BLaLMConfig(**cfg, mlstm_kernel="triton").to_dict()}, str(path))
-    model, _, _ = train.load_checkpoint(str(path), "cpu")
+    common.save_checkpoint({"model": reference.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
+                            "config": BLaLMConfig(**cfg, mlstm_kernel="triton").to_dict()}, str(path))
+    model, _, _ = common.load_checkpoint(str(path), "cpu")
     assert model.config.mlstm_kernel == "torch" and "mlstm_kernel='triton'" in capsys.readouterr().out
     idx = torch.randint(0, 64, (2, 27))
     with torch.no_grad():
@@ -2312,28 +2726,53 @@ def test_a_checkpoint_trained_with_the_triton_kernel_loads_on_the_cpu_with_the_s
 
 @pytest.mark.parametrize("argv,message", [
     (["--not_a_flag=1"], "unknown option '--not_a_flag=1'; valid options: --data"),
+    (["--learning_rat=0.1"], "did you mean --learning_rate?"),
     (["--max_iters=ten"], "--max_iters=ten: expected a value of type int"),
     (["--compile=maybe"], "expected True or False"),
     (["max_iters=3"], "malformed argument"),
     (["--preset=huge"], "unknown preset 'huge'"),
+    (["--learning_rate=nan"], "--learning_rate=nan: expected a finite number"),
+    (["--learning_rate=inf"], "--learning_rate=inf: expected a finite number"),
+    (["--learning_rate=1e39"], "--learning_rate=1e\\+39 must be > 0 and below 3e38"),
+    (["--optimizer=sgd"], "--optimizer='sgd'"), (["--batch_size=0"], "--batch_size=0"),
+    (["--grad_clip=-1"], "--grad_clip=-1.0 must be >= 0"), (["--warmup_iters=-5"], "--warmup_iters=-5"),
+    (["--stop_iter=-1"], "--stop_iter=-1"), (["--seed=-1"], "--seed=-1"), (["--gate_softcap=-2"], "gate_softcap=-2"),
+    (["--mixer=rnn"], "mixer='rnn'"), (["--mixer=attn", "--feature_map=hedgehog"], "applies to mixer='mlstm' only"),
+    (["--swa_window=4096", "--block_size=64"], "--swa_window=4096 is longer than --block_size=64"),
+    (["--optimizer=adamw", "--learning_rate=0.01"], "with --optimizer=adamw set AdamW's with --adam_lr"),
+    (["--device=foo"], "--device='foo' is not a device name"),
+    (["--mlstm_kernel=triton", "--device=cpu"], "--mlstm_kernel=triton needs a CUDA device"),
 ])
-def test_bad_flags_are_refused_naming_them(argv, message):
+def test_bad_flags_and_values_are_refused_before_any_work_naming_them(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.parse_args(argv, train.TrainConfig, train.PRESETS)
+        train.parse_config(argv)
 
 
-def test_bad_values_are_refused_naming_them():
-    for argv, message in ((["--optimizer=sgd"], "--optimizer='sgd'"), (["--batch_size=0"], "--batch_size=0")):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused_at_start():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        common.pick_device("cuda")
+
+
+def test_a_bad_out_dir_or_resume_is_refused_before_any_work(tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "which is a file")):
         with pytest.raises(ValueError, match=message):
-            train.check_config(train.parse_args(argv))
-    with pytest.raises(ValueError, match="mixer='rnn'"):
-        train.main(["--mixer=rnn", "--data=/nonexistent-dir-for-test"]) if False else train.BLaLMConfig(mixer="rnn")
+            train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={out}"])
+    with pytest.raises(FileNotFoundError, match="nothing to continue"):
+        train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={tmp_path / 'fresh'}", "--resume=True"])
+    assert "Muon" not in capsys.readouterr().out              # refused before the optimizer summary
+    run_train([f"--data={tiny_data}", "--max_iters=1", "--stop_iter=1"], tmp_path, "shape")
+    with pytest.raises(ValueError, match=r"differing settings \(checkpoint, now\): \{'n_layer': \(2, 3\)\}"):
+        run_train([f"--data={tiny_data}", "--max_iters=2", "--resume=True", "--n_layer=3"], tmp_path, "shape")
 
 
 def test_presets_set_the_babylm_budgets_and_flags_override_them():
-    c = train.parse_args(["--preset=strict_small", "--n_layer=3"], train.TrainConfig, train.PRESETS)
-    assert c.budget_words == 10_000_000 and c.max_epochs == 10 and c.n_layer == 3
-    assert train.parse_args(["--preset=strict"], train.TrainConfig, train.PRESETS).budget_words == 100_000_000
+    c, m = train.parse_config(["--preset=strict_small", "--n_layer=3"])
+    assert c.budget_words == 10_000_000 and c.max_epochs == 10 and m.n_layer == 3 and m.block_size == 512
+    assert train.parse_config(["--preset=strict"])[0].budget_words == 100_000_000
+    c, m = train.parse_config([])     # the model's defaults have one source: BLaLMConfig
+    assert m == BLaLMConfig(vocab_size=1)
 
 
 def test_milestones_follow_the_babylm_schedule():
@@ -2346,12 +2785,12 @@ def test_milestones_follow_the_babylm_schedule():
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():
-    c = train.TrainConfig(warmup_iters=10, min_lr_ratio=0.1)
-    assert train.lr_factor(0, c, 100) == pytest.approx(0.1) and train.lr_factor(9, c, 100) == pytest.approx(1.0)
-    assert train.lr_factor(100, c, 100) == pytest.approx(0.1)
-    c.schedule, c.decay_frac = "wsd", 0.2
-    assert train.lr_factor(50, c, 100) == 1.0 and train.lr_factor(79, c, 100) == 1.0
-    assert train.lr_factor(90, c, 100) == pytest.approx(0.55) and train.lr_factor(100, c, 100) == pytest.approx(0.1)
+    f = lambda it, **kw: common.lr_factor(it, 100, warmup_iters=10, min_lr_ratio=0.1, **kw)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))     # cosine half way
+    wsd = lambda it: f(it, schedule="wsd", decay_frac=0.2)
+    assert wsd(50) == 1.0 and wsd(79) == 1.0
+    assert wsd(90) == pytest.approx(0.55) and wsd(100) == pytest.approx(0.1)
 
 
 def test_budget_over_the_track_is_refused(tiny_data, tmp_path):
@@ -2359,11 +2798,13 @@ def test_budget_over_the_track_is_refused(tiny_data, tmp_path):
         train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={tmp_path}", "--budget_words=1000"])
 
 
-def test_plot_draws_several_runs(tiny_data, tmp_path):
+def test_plot_draws_several_runs_with_the_pair_accuracy_panel(tiny_data, tmp_path):
     run_train([f"--data={tiny_data}", "--max_iters=2", "--eval_interval=1"], tmp_path, "a")
     run_train([f"--data={tiny_data}", "--max_iters=2", "--eval_interval=1", "--optimizer=adamw"], tmp_path, "b")
     train.main([f"--plot={tmp_path / 'a'},{tmp_path / 'b'}"])
     assert (tmp_path / "a" / "compare.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="--plot takes only --plot_out"):
+        train.main([f"--plot={tmp_path / 'a'}", "--max_iters=3"])
 
 
 def test_default_train_command_runs(tmp_path):
@@ -2372,37 +2813,19 @@ def test_default_train_command_runs(tmp_path):
                         "--eval_max_pairs=5", "--eval_iters=1"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "synthetic corpus is a teaching corpus" in r.stdout and "done: 2 iters" in r.stdout
+    assert "done: 2 iters" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("note: the synthetic corpus")
     assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
 def test_train_help_lists_the_options():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "--max_iters=" in r.stdout and "--preset=" in r.stdout
+    assert r.returncode == 0 and "--max_iters=" in r.stdout and "--preset=" in r.stdout and "--n_layer=4" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--bogus=1"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown option '--bogus=1'" in r.stderr
 
 
 # =============================================================================
 # eval.py and sample.py: minimal pairs, perplexity, generation
-
-import json
-import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-import tiktoken
-import torch
-import torch.nn.functional as F
-
-from blalm import BLaLM, BLaLMConfig
-from eval import load_pairs, main as eval_main, perplexity, score_pairs, sentence_logprobs, Pair
-
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 def byte_tokenizer():
@@ -2423,7 +2846,6 @@ def tiny_model(mixer="mlstm", dtype=torch.float64, seed=0, **kw):
 
 @pytest.fixture
 def ckpt_path(tmp_path):
-    from data import tokenizer_to_dict
     from train import save_checkpoint
     model = tiny_model(dtype=torch.float32)
     path = tmp_path / "ckpt.pt"
@@ -2554,14 +2976,14 @@ def run(script, *args):
 
 
 def test_eval_cli_prints_paradigms_fields_and_macro_average(ckpt_path, tmp_path):
-    if not (SHARED_DATA / "zorro").is_dir() or not (SHARED_DATA / "blimp_dev").is_dir():
+    if not (SHARED / "zorro").is_dir() or not (SHARED / "blimp_dev").is_dir():
         pytest.skip("shared/data/zorro and blimp_dev are not present")
-    out = run("eval.py", f"--ckpt={ckpt_path}", f"--blimp={SHARED_DATA / 'blimp_dev'}",
-              f"--zorro={SHARED_DATA / 'zorro'}", "--max_pairs=3", "--batch_size=64", "--device=cpu",
+    out = run("eval.py", f"--ckpt={ckpt_path}", f"--blimp={SHARED / 'blimp_dev'}",
+              f"--zorro={SHARED / 'zorro'}", "--max_pairs=3", "--batch_size=64", "--device=cpu",
               f"--json={tmp_path / 'res.json'}")
     lines = out.strip().splitlines()
     res = json.loads((tmp_path / "res.json").read_text())
-    names = [p.stem for d in ("blimp_dev", "zorro") for p in (SHARED_DATA / d).iterdir() if p.suffix in (".jsonl", ".txt")]
+    names = [p.stem for d in ("blimp_dev", "zorro") for p in (SHARED / d).iterdir() if p.suffix in (".jsonl", ".txt")]
     assert sorted(res["paradigms"]) == sorted(names) and len(names) == 35
     for name in names:  # one line per paradigm with its accuracy out of 3 pairs
         assert re.search(rf"^{name} +(0\.00|33\.33|66\.67|100\.00)  \(3 pairs\)$", out, re.M), name
@@ -2581,7 +3003,6 @@ def test_sample_cli_prints_samples_separated_by_dashes(ckpt_path, tmp_path):
 
 
 def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, capsys):
-    from data import tokenizer_to_dict
     from sample import main as sample_main
     from train import save_checkpoint
     model = tiny_model("attn", dtype=torch.float32)
@@ -2597,13 +3018,799 @@ def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, cap
 
 
 def test_builtin_pairs_in_process_end_with_macro_average(ckpt_path, capsys):
-    from data import synthetic_minimal_pairs
     from eval import BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED
     records = synthetic_minimal_pairs(BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED)
     res = eval_main([f"--ckpt={ckpt_path}", "--pairs=builtin", "--max_pairs=2", "--device=cpu"])
     assert set(res["paradigms"]) == {r["UID"] for r in records} and set(res["n_pairs"].values()) == {2}
     assert set(res["fields"]) == {r["field"] for r in records}
     assert capsys.readouterr().out.splitlines()[-1] == f"macro-average: {res['macro_average']:.2f}"
+
+
+SUITE = SHARED / "babylm_eval"
+
+
+def suite_model(mixer="mlstm", vocab_size=257, block_size=32, seed=0):
+    torch.manual_seed(seed)
+    model = BLaLM(BLaLMConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16,
+                              chunk_size=8, swa_window=4, mixer=mixer))
+    for p in model.parameters():
+        if p.dim() > 1:  # larger weights than GPT-2's init so that candidates score clearly apart
+            p.data.normal_(0, 0.3)
+    return model.double().eval()
+
+
+def reference_score(model, enc, prefix, completion, window=None):
+    """One full forward of end-of-text + the whole string; sum the log-probs of the tokens whose character
+    span ends past len(prefix) (a partial character counts as covered, by decoding with 'replace').
+    window: read only the last `window` inputs (the learned-position rule)."""
+    string = prefix + completion
+    ids, raw = enc.encode_ordinary(string), string.encode("utf-8")
+    ends, e = [], 0
+    for t in ids:
+        e += len(enc.decode_single_token_bytes(t))
+        ends.append(len(raw[:e].decode("utf-8", errors="replace")))
+    seq = [enc.eot_token] + ids
+    start = max(0, len(ids) - window) if window else 0  # first input position read
+    logits = model(torch.tensor([seq[start:-1]]))[0][0].double()
+    total = 0.0
+    for j, t in enumerate(ids):
+        if ends[j] > len(prefix):
+            assert j >= start, "a scored token fell outside the window"
+            total += torch.log_softmax(logits[j - start], -1)[t].item()
+    return total
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def ewok(domain, c1, t1, t2):
+    return dict(Context1=c1, Context2="(unused)", Target1=t1, Target2=t2, Domain=domain, ContextType="x",
+                ContextDiff="y", TargetDiff="z")
+
+
+def entity(prefix, options, numops):
+    return dict(sample_id=0, numops=numops, input_prefix=prefix, options=options, example_id=0)
+
+
+@pytest.fixture
+def suite_dir(tmp_path):
+    """A small suite with every task: a random model gets some items right and some wrong."""
+    d = tmp_path / "full_eval"
+    write_jsonl(d / "blimp_filtered" / "agr.jsonl", [
+        dict(sentence_good=g, sentence_bad=b, field=f, UID="agr", linguistics_term="t") for g, b, f in
+        [("The cat sleeps.", "The cat sleep.", "morphology"), ("Dogs bark.", "Dogs barks.", "morphology"),
+         ("She is here.", "She are here.", "syntax_semantics"), ("I ran home.", "I run home.", "syntax")]])
+    write_jsonl(d / "blimp_filtered" / "npi.jsonl", [
+        dict(sentence_good=g, sentence_bad=b, field="semantics", UID="npi") for g, b in
+        [("No one ever left.", "Someone ever left."), ("Nobody has any.", "Somebody has any.")]])
+    write_jsonl(d / "supplement_filtered" / "hypernym.jsonl", [
+        dict(row=0, sentence_good=g, sentence_bad=b) for g, b in [("A dog is an animal.", "An animal is a dog."),
+                                                                   ("A rose is a flower.", "A flower is a rose.")]])
+    write_jsonl(d / "supplement_filtered" / "turn_taking.jsonl", [
+        dict(sentence_good="A: Do you?\nB: I do.", sentence_bad="A: Do you?\nB: You do.")])
+    write_jsonl(d / "ewok_filtered" / "social.jsonl", [
+        ewok("social", "Ann is kind.", "She helps.", "She hits."), ewok("social", "Bo is sad.", "He cries.", "He grins."),
+        ewok("physical", "The box is big.", "It holds a lot.", "It holds little.")])
+    prefix = "Box 0 contains the cat, Box 1 contains the dog. Box 1 contains "
+    write_jsonl(d / "entity_tracking" / "regular.jsonl", [
+        entity(prefix, ["the dog.", "the cat.", "nothing."], 0), entity(prefix, ["the dog.", "the cat and the dog."], 0),
+        entity("Box 0 contains the hat. Move the hat into Box 1. Box 1 contains ", ["the hat.", "nothing."], 1)])
+    write_jsonl(d / "entity_tracking" / "ambiref.jsonl", [
+        entity("Box 0 contains the red cup. Box 0 contains ", ["the red cup.", "the blue cup."], 0),
+        entity("Box 2 contains the map. Box 2 contains ", ["the map.", "the mop."], 2)])
+    write_jsonl(d / "wug_adj_nominalization" / "wug.jsonl", [
+        dict(sentences=f"Make a noun: {w}. {w}ity\tMake a noun: {w}. {w}ness", ratio=r)
+        for w, r in [("blick", 0.2), ("tavable", 0.9), ("frodic", 0.5), ("snorp", 0.1), ("gleeb", 0.7)]])
+    return d
+
+
+def expected_suite(model, enc, suite):
+    """The task scores by the protocol, item by item with reference_score."""
+    out, right_any = {}, []
+    for task, items in suite.items():
+        by_uid, file_of, diffs = {}, {}, []
+        for it in items:
+            s = [reference_score(model, enc, it.prefix, c) for c in it.candidates]
+            r = all(s[0] > x for x in s[1:])
+            right_any.append(r)
+            by_uid.setdefault(it.uid, []).append(r)
+            file_of[it.uid] = it.field
+            diffs.append((s[0] - s[1], it.ratio))
+        uids = {u: 100 * sum(rs) / len(rs) for u, rs in by_uid.items()}
+        if task == "entity_tracking":
+            files = {f: [a for u, a in uids.items() if file_of[u] == f] for f in set(file_of.values())}
+            out[task] = sum(sum(v) / len(v) for v in files.values()) / len(files)
+        elif task == "wug_adj_nominalization":
+            out[task] = 100 * sum(r for rs in by_uid.values() for r in rs) / len(items)
+            out["wug_diffs"] = diffs
+        else:
+            out[task] = sum(uids.values()) / len(uids)
+        out[task + "_uids"] = uids
+    return out, right_any
+
+
+def rho_no_ties(x, y):
+    """Spearman's rho by the textbook formula, valid when neither side has ties."""
+    rank = lambda v: {i: r + 1 for r, i in enumerate(sorted(range(len(v)), key=lambda i: v[i]))}
+    rx, ry = rank(x), rank(y)
+    n = len(x)
+    return 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+# -----------------------------------------------------------------------------
+# Readers
+
+
+def test_readers_on_the_shared_suite_files():
+    if not SUITE.is_dir():
+        pytest.skip(f"{SUITE} is not present (the shared BabyLM 2025 evaluation files)")
+    suite = evaluate.load_babylm(SUITE)
+    assert list(suite) == ["blimp_filtered", "supplement_filtered", "entity_tracking", "wug_adj_nominalization"]
+    lines = lambda task: sum(len(p.read_bytes().splitlines()) for p in (SUITE / task).glob("*.jsonl"))
+    assert {t: len(v) for t, v in suite.items()} == {t: lines(t) for t in suite}
+    assert len(suite["blimp_filtered"]) == 10978 and len(suite["entity_tracking"]) == 9483
+    assert {it.uid for it in suite["blimp_filtered"]} == {p.stem for p in (SUITE / "blimp_filtered").glob("*.jsonl")}
+    assert {it.uid for it in suite["supplement_filtered"]} == {"hypernym", "qa_congruence_easy", "qa_congruence_tricky",
+                                                              "subject_aux_inversion", "turn_taking"}
+    assert {it.uid for it in suite["entity_tracking"]} == {f"{f}_{n}_ops" for f in ("ambiref", "move_contents", "regular")
+                                                          for n in range(6)}
+    first = json.loads((SUITE / "entity_tracking" / "ambiref.jsonl").read_text().split("\n")[0])
+    item = next(it for it in suite["entity_tracking"] if it.field == "ambiref")
+    assert item.prefix == first["input_prefix"] and item.candidates[0] == first["options"][0]
+    assert {f for it in suite["blimp_filtered"] for f in [it.field]} == {"morphology", "semantics", "syntax",
+                                                                        "syntax/semantics"}
+    wug = suite["wug_adj_nominalization"]
+    assert len(wug) == 200 and all(len(it.candidates) == 2 and 0 <= it.ratio <= 1 for it in wug)
+    assert all(it.prefix == "" for t in ("blimp_filtered", "supplement_filtered") for it in suite[t])
+
+
+def test_readers_of_every_task_on_small_files(suite_dir):
+    suite = evaluate.load_babylm(suite_dir)
+    assert list(suite) == list(evaluate.TASKS)
+    assert suite["ewok_filtered"][0] == evaluate.Item("Ann is kind. ", ("She helps.", "She hits."), "social")
+    assert suite["entity_tracking"][0].uid == "ambiref_0_ops" and suite["entity_tracking"][-1].uid == "regular_1_ops"
+    assert suite["blimp_filtered"][2].field == "syntax/semantics"  # the pipeline's spelling
+    assert {it.uid for it in suite["supplement_filtered"]} == {"hypernym", "turn_taking"}
+    assert suite["wug_adj_nominalization"][1] == evaluate.Item("", ("Make a noun: tavable. tavableity",
+                                                              "Make a noun: tavable. tavableness"), "wug", ratio=0.9)
+    assert list(evaluate.load_babylm(suite_dir, ["wug_adj_nominalization", "ewok_filtered"])) == \
+        ["ewok_filtered", "wug_adj_nominalization"]
+
+
+@pytest.mark.parametrize("task, lines, line, message", [
+    ("ewok_filtered", [ewok("d", "c", "a", "b"), "{not json"], 2, "not valid JSON"),
+    ("ewok_filtered", [{k: v for k, v in ewok("d", "c", "a", "b").items() if k != "Target2"}], 1, "'Target2'"),
+    ("ewok_filtered", [ewok("d", "c", "", "b")], 1, "non-empty str"),
+    ("entity_tracking", [entity("p ", ["a"], 0)], 1, "2 or more non-empty strings"),
+    ("entity_tracking", [entity("p ", ["a", "b"], 0), entity("p ", "a b", 1)], 2, "'options' to be a list"),
+    ("entity_tracking", [entity("p ", ["a", "b"], "one")], 1, "'numops' to be a int"),
+    ("wug_adj_nominalization", [dict(sentences="one sentence", ratio=0.5)], 1, "separated by one tab"),
+    ("wug_adj_nominalization", [dict(sentences="a\tb", ratio=1.5)], 1, r"in \[0, 1\]"),
+    ("wug_adj_nominalization", [dict(sentences="a\tb", ratio=True)], 1, "'ratio'"),
+    ("blimp_filtered", [dict(sentence_good="A.", sentence_bad="B."), ["a list"]], 2, "sentence_good"),
+    ("supplement_filtered", [dict(sentence_good="A.", sentence_bad="B."), ""], 2, "not valid JSON"),
+])
+def test_malformed_lines_raise_naming_file_and_line(tmp_path, task, lines, line, message):
+    path = tmp_path / task / "f.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    with pytest.raises(ValueError, match=re.escape(f"{path} line {line}:") + ".*" + message):
+        evaluate.load_babylm(tmp_path)
+
+
+def test_invalid_utf8_names_file_and_line_in_every_reader(tmp_path):
+    bad = b'{"sentence_good": "A.", "sentence_bad": "B."}\n{"sentence_good": "\xff", "sentence_bad": "C."}\n'
+    (tmp_path / "blimp_filtered").mkdir()
+    (tmp_path / "blimp_filtered" / "x.jsonl").write_bytes(bad)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'blimp_filtered' / 'x.jsonl'} line 2: not valid UTF-8")):
+        evaluate.load_babylm(tmp_path)
+    (tmp_path / "z-p.txt").write_bytes(b"bad one .\ngood one .\nbad \xc3 .\ngood two .\n")
+    with pytest.raises(ValueError, match=r"z-p\.txt line 3: not valid UTF-8"):
+        evaluate.load_pairs(tmp_path / "z-p.txt")
+    with pytest.raises(ValueError, match=r"z-p\.txt line 3: not valid UTF-8"):
+        evaluate.read_text(tmp_path / "z-p.txt")
+
+
+def test_suite_folder_errors_name_what_is_wrong(tmp_path, suite_dir):
+    with pytest.raises(ValueError, match="unknown task.*bogus; valid tasks: blimp_filtered, supplement_filtered"):
+        evaluate.load_babylm(suite_dir, ["bogus"])
+    with pytest.raises(ValueError, match="holds none of the task folders"):
+        evaluate.load_babylm(tmp_path / "full_eval" / "ewok_filtered")
+    (tmp_path / "only" / "entity_tracking").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no folder for task.*ewok_filtered"):
+        evaluate.load_babylm(tmp_path / "only", ["ewok_filtered"])
+    with pytest.raises(ValueError, match="entity_tracking holds no .jsonl files"):
+        evaluate.load_babylm(tmp_path / "only")
+
+
+def test_blimp_flag_refuses_a_zorro_folder_and_the_reverse(tmp_path):
+    zorro, blimp = tmp_path / "zorro", tmp_path / "blimp"
+    zorro.mkdir()
+    (zorro / "agreement-x.txt").write_text("the cats is .\nthe cats are .\n")
+    write_jsonl(blimp / "agr.jsonl", [dict(sentence_good="A cat is.", sentence_bad="A cat are.")])
+    with pytest.raises(ValueError, match=f"--blimp={re.escape(str(zorro))} holds no BLiMP .jsonl files but Zorro .txt"):
+        evaluate.load_pairs(zorro, "blimp")
+    with pytest.raises(ValueError, match=f"--zorro={re.escape(str(blimp))} holds no Zorro .txt files but BLiMP .jsonl"):
+        evaluate.load_pairs(blimp, "zorro")
+    assert set(evaluate.load_pairs(zorro, "zorro")) == {"agreement-x"} and set(evaluate.load_pairs(blimp, "blimp")) == {"agr"}
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def test_every_task_matches_an_item_by_item_reference(suite_dir):
+    model, enc = suite_model(), byte_tokenizer()
+    suite = evaluate.load_babylm(suite_dir)
+    res = evaluate.score_babylm(model, enc, suite, batch_size=3)
+    want, right = expected_suite(model, enc, suite)
+    assert any(right) and not all(right)  # the comparison can tell right from wrong
+    for task in suite:
+        assert res["tasks"][task] == pytest.approx(want[task]), task
+        assert res["uids"][task] == pytest.approx(want[task + "_uids"]), task
+    assert res["macro_average"] == pytest.approx(sum(want[t] for t in suite) / len(suite))
+    assert set(res["files"]) == {"regular", "ambiref"} and res["cut"] == {t: 0 for t in suite}
+    diffs, ratios = zip(*want["wug_diffs"])
+    assert res["wug"]["spearman"] == pytest.approx(rho_no_ties(diffs, ratios))
+    assert res["fields"]["syntax/semantics"] in (0.0, 100.0)
+
+
+@pytest.mark.parametrize("mixer", ["mlstm", "attn", "hedgehog"])
+def test_a_shared_context_read_once_gives_the_full_forward_scores(suite_dir, mixer):
+    model, enc = suite_model(mixer, block_size=128), byte_tokenizer()
+    items = evaluate.load_babylm(suite_dir, ["ewok_filtered", "entity_tracking"])
+    items = items["ewok_filtered"] + items["entity_tracking"]
+    for item in items:  # every item takes the shared path
+        tokens = [evaluate.candidate_tokens(enc, item.prefix, c) for c in item.candidates]
+        assert evaluate.shared_length([[256] + ids for ids, _ in tokens], [n for _, n in tokens]) >= 2
+    scores, cut, long = evaluate.score_items(model, enc, items, batch_size=2, min_shared=1)
+    assert cut == long == []
+    for item, s in zip(items, scores):
+        want = [reference_score(model, enc, item.prefix, c) for c in item.candidates]
+        torch.testing.assert_close(s, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_batching_does_not_change_candidate_scores(suite_dir):
+    model, enc = suite_model(), byte_tokenizer()
+    items = evaluate.load_babylm(suite_dir)["entity_tracking"]
+    one = evaluate.score_items(model, enc, items, batch_size=1)[0]
+    for bs in (2, 7):
+        for a, b in zip(evaluate.score_items(model, enc, items, batch_size=bs)[0], one):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_the_seam_token_is_scored_and_matches_the_char_span_rule():
+    """BPEs with " the" and with "a\\xc3" (a and half of é) as tokens: a token that starts in the prefix and
+    reaches into the completion is scored, whichever side of the seam the space is on."""
+    words = train_bpe(["the cat and the dog and the hat"] * 20, 270)
+    half = train_bpe(["aé aè"] * 20, 258)  # one merge: (a, 0xc3), the pair that both words share
+    assert words.encode_ordinary(" the") == [words.encode_single_token(b" the")]
+    assert [half.decode_single_token_bytes(t) for t in half.encode_ordinary("aé")] == [b"a\xc3", b"\xa9"]
+    for enc, prefix, completion, n in [(words, "Box 1 contains ", "the dog.", 3), (words, "Box 1 contains", " the dog.", 3),
+                                       (words, "", "the cat", 2), (half, "a", "é", 2), (half, "aé", "a", 1),
+                                       (half, "x a", "èa", 3)]:
+        ids, n_scored = evaluate.candidate_tokens(enc, prefix, completion)
+        assert n_scored == n, (prefix, completion, [enc.decode_single_token_bytes(t) for t in ids])
+        model = suite_model(vocab_size=enc.n_vocab)
+        item = evaluate.Item(prefix, (completion, completion + " x"), "u")
+        got = evaluate.score_items(model, enc, [item])[0][0][0].item()
+        assert got == pytest.approx(reference_score(model, enc, prefix, completion), abs=1e-10)
+
+
+def constant_model(mixer="mlstm", block_size=32):
+    model = suite_model(mixer, block_size=block_size)
+    model.lm_head.weight.data.zero_()  # tied to wte: every logit is 0, each token scores -log V
+    return model
+
+
+def test_ties_are_wrong_in_every_task(suite_dir):
+    suite = evaluate.Suite(
+        blimp_filtered=[evaluate.Item("", ("The cats sleep.", "The cat sleeps."), "u", "syntax")],
+        ewok_filtered=[evaluate.Item("Ann is kind. ", ("She helps.", "She hurts."), "d")],
+        entity_tracking=[evaluate.Item("Box 0 contains ", ("the cat.", "the dog.", "the hat."), "regular_0_ops", "regular")],
+        wug_adj_nominalization=[evaluate.Item("", ("x abcity", "x abness"), "wug", ratio=0.3),
+                                evaluate.Item("", ("x cdity", "x cdnes"), "wug", ratio=0.6)])
+    res = evaluate.score_babylm(constant_model(), byte_tokenizer(), suite)
+    assert res["tasks"] == {t: 0.0 for t in suite} and res["macro_average"] == 0.0
+    assert res["wug"]["spearman"] is None  # constant differences: no correlation to speak of
+
+
+def test_the_prefix_is_not_scored_and_options0_is_the_answer():
+    """Constant logits: a candidate scores -(tokens scored) log V whatever its prefix, so the shortest
+    completion wins; options[0] shortest -> right, another option shortest -> wrong."""
+    model, enc = constant_model(), byte_tokenizer()
+    long_prefix = "Box 0 contains the cat and the hat, Box 1 contains nothing. Box 0 contains "
+    items = [evaluate.Item(long_prefix, ("the cat.", "the cat and the hat.", "the dog and the cat."), "r_0_ops", "r"),
+             evaluate.Item("Box 2 contains ", ("the big red hat.", "the hat.", "the big red cat."), "r_1_ops", "r")]
+    scores, _, _ = evaluate.score_items(model, enc, items)
+    for item, s in zip(items, scores):
+        want = torch.tensor([-len(c.encode()) * math.log(257) for c in item.candidates], dtype=torch.float64)
+        torch.testing.assert_close(s, want, rtol=0, atol=1e-9)
+    res = evaluate.score_babylm(model, enc, evaluate.Suite(entity_tracking=items))
+    assert res["uids"]["entity_tracking"] == {"r_0_ops": 100.0, "r_1_ops": 0.0}
+    assert res["files"] == {"r": 50.0} and res["tasks"]["entity_tracking"] == 50.0
+
+
+def test_learned_positions_cut_long_context_from_the_left_and_count_too_long_items_wrong():
+    enc = byte_tokenizer()
+    prefix = "Box 0 contains the cat, Box 1 contains the dog. Box 1 contains "  # 63 bytes > block_size 32
+    fits, too_long = evaluate.Item(prefix, ("the dog.", "the cat."), "et"), evaluate.Item("Hi ", ("x" * 40, "y" * 40), "et")
+    short = evaluate.Item("Hi ", ("the dog.", "the cat."), "et")
+    attn = suite_model("attn", block_size=32)
+    scores, cut, long = evaluate.score_items(attn, enc, [short, fits, too_long])
+    assert cut == [1] and long == [2] and torch.isnan(scores[2]).all()
+    for k, c in enumerate(fits.candidates):
+        assert scores[1][k].item() == pytest.approx(reference_score(attn, enc, prefix, c, window=32), abs=1e-10)
+    res = evaluate.score_babylm(attn, enc, evaluate.Suite(ewok_filtered=[short, fits, too_long]))
+    assert res["cut"] == {"ewok_filtered": 1} and res["too_long"] == {"ewok_filtered": 1}
+    assert res["tasks"]["ewok_filtered"] == pytest.approx(100 * (evaluate.is_right(scores[0]) + evaluate.is_right(scores[1])) / 3)
+    mlstm = suite_model("mlstm", block_size=32)  # recurrent: every item read whole
+    scores, cut, long = evaluate.score_items(mlstm, enc, [fits, too_long])
+    assert cut == long == []
+    assert scores[1][0].item() == pytest.approx(reference_score(mlstm, enc, "Hi ", "x" * 40), abs=1e-10)
+
+
+def test_max_items_per_uid_keeps_the_first_items_of_each_uid(suite_dir):
+    suite = evaluate.load_babylm(suite_dir)
+    res = evaluate.score_babylm(suite_model(), byte_tokenizer(), suite, max_items_per_uid=1)
+    assert all(set(n.values()) == {1} for n in res["n_items"].values())
+    assert res["n_items"]["ewok_filtered"] == {"social": 1, "physical": 1}
+
+
+def test_spearman_averages_tied_ranks():
+    assert evaluate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert evaluate.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    x, y = [1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0]  # ranks of x: 1, 2.5, 2.5, 4
+    rx, ry = [1, 2.5, 2.5, 4], [1, 3, 2, 4]
+    mx, my = sum(rx) / 4, sum(ry) / 4
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    want = cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    assert evaluate.spearman(x, y) == pytest.approx(want)
+    assert evaluate.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_train_eval_pairs_takes_a_suite_folder(suite_dir):
+    model, enc = suite_model(), byte_tokenizer()
+    pairs = evaluate.load_pairs(suite_dir)
+    assert isinstance(pairs, evaluate.Suite) and list(pairs) == list(evaluate.TASKS)
+    got = evaluate.score_pairs(model, enc, pairs, "cpu", batch_size=64, max_pairs_per_paradigm=2)
+    assert got == evaluate.score_babylm(model, enc, evaluate.load_babylm(suite_dir), "cpu", 64, 2)
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def save_tiny(path, words, mixer="mlstm", seed=0):
+    model = suite_model(mixer, block_size=256, seed=seed).float()
+    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=7, tokens_seen=0,
+                         words_seen=words, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
+    return path
+
+
+def test_cli_prints_tables_task_lines_and_macro_average(suite_dir, tmp_path, capsys):
+    ckpt = save_tiny(tmp_path / "run" / "ckpt.pt", 39_212_345.6)
+    res = evaluate.main([f"--ckpt={tmp_path / 'run'}", f"--babylm={suite_dir}", "--device=cpu", f"--json={tmp_path / 'r.json'}"])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert "iter 7, 39.2M words seen" in lines[0] and "a tie counts as WRONG" in lines[1]
+    for task in evaluate.TASKS:
+        assert re.search(rf"^{task} +\d+\.\d\d", out, re.M), task
+    assert re.search(r"^  ambiref_0_ops +\d+\.\d\d  \(1 items\)$", out, re.M)
+    assert "Spearman with the human ratio" in out and "field syntax/semantics" in out and "file regular" in out
+    assert lines[-1] == f"macro-average: {res['macro_average']:.2f}"
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["babylm"]["tasks"] == pytest.approx(res["babylm"]["tasks"])
+    assert res["macro_average"] == pytest.approx(sum(res["babylm"]["tasks"].values()) / 5)
+    evaluate.main([f"--ckpt={ckpt}", f"--babylm={suite_dir}", "--tasks=ewok_filtered,entity_tracking", "--device=cpu"])
+    assert re.findall(r"^(\w+) +\d+\.\d\d", capsys.readouterr().out, re.M) == ["ewok_filtered", "entity_tracking"]
+
+
+def test_cli_refuses_bad_requests_before_work(suite_dir, tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    for argv, message in [([f"--babylm={suite_dir}", "--tasks=ewok,blimp_filtered"], "unknown task.*ewok; valid tasks"),
+                          ([f"--babylm={suite_dir}", f"--json={tmp_path / 'no' / 'r.json'}"], "--json=.*does not exist"),
+                          ([f"--babylm={suite_dir}", "--pairs=builtin"], "not both"),
+                          (["--text=" + str(tmp_path / "none.txt")], "none.txt does not exist")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            evaluate.main([f"--ckpt={ckpt}", "--device=cpu"] + argv)
+    with pytest.raises(FileNotFoundError, match="without ckpt.pt"):
+        evaluate.main([f"--ckpt={suite_dir}", f"--babylm={suite_dir}"])  # a folder that is no run folder
+
+
+def test_text_reads_gzip_like_plain_text(tmp_path, capsys):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    text = "Once upon a time there was a small dog.\nIt liked to run.\n"
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(text.encode()))
+    plain = evaluate.main([f"--ckpt={ckpt}", f"--text={tmp_path / 't.txt'}", "--device=cpu"])["text"]
+    assert evaluate.main([f"--ckpt={ckpt}", f"--text={tmp_path / 't.txt.gz'}", "--device=cpu"])["text"] == plain
+
+
+def test_run_evaluates_milestones_in_word_order_and_plots_them(suite_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    for n, seed in ((10, 1), (2, 2), (1, 3)):  # 10 sorts before 2 as text
+        save_tiny(run / f"ckpt_{n}M_words.pt", n * 1_000_000 + 123, seed=seed)
+    save_tiny(run / "ckpt.pt", 0)  # not a milestone
+    evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered,wug_adj_nominalization"])
+    out = capsys.readouterr().out
+    curve = json.loads((run / "babylm_curve.json").read_text())
+    assert [p["ckpt"] for p in curve["points"]] == ["ckpt_1M_words.pt", "ckpt_2M_words.pt", "ckpt_10M_words.pt"]
+    assert [p["words_seen"] for p in curve["points"]] == [1_000_123, 2_000_123, 10_000_123]
+    assert set(curve["points"][0]["tasks"]) == {"ewok_filtered", "wug_adj_nominalization"}
+    assert (run / "babylm_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.strip().splitlines()[-1] == f"macro-average: {curve['points'][-1]['macro_average']:.2f}"
+    assert "ckpt_10M_words.pt: 10M words" in out
+    evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered",
+             f"--plot_out={tmp_path / 'c.png'}"])
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_fmt_count_formats_words():
+    assert [evaluate.fmt_count(n) for n in (405186.16, 1e6, 39_212_345, 10_000_000, 850, None)] == \
+        ["405.2k", "1M", "39.2M", "10M", "850", "?"]
+
+
+# =============================================================================
+# export.py: a checkpoint as a Hugging Face folder for the BabyLM pipeline
+
+MIXERS = ("mlstm", "attn", "hedgehog")
+ODD_STRINGS = ["  two leading spaces", "tabs\tand\n\nnewlines\r\n end  ", "digits 1234567 3.14 ١٢٣ ⅫⅣ",
+               "naïve café, Ångström; e\u0301 (combining)", "emoji 😀👍🏽 and 日本語", "it's they'll I'D 'S 'll",
+               "\u00a0nbsp\u2028ls\u3000ideo\x85nel\x0bvt\x1cfs", "<|endoftext|> stays text", "   ", "x"]
+
+
+def synthetic_text():
+    return data.synthetic_corpus(3000, seed=3) + ODD_STRINGS
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return data.train_bpe(synthetic_text(), 400)
+
+
+def tiny_checkpoint(enc, mixer, path, seed=0):
+    """A tiny BLaLM of the mixer, its weights moved off their initial values (so that no weight sits at an
+    init where a wrong load could not show), saved as train.py saves it."""
+    torch.manual_seed(seed)
+    config = BLaLMConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=2, n_head=2, n_embd=32, mixer=mixer,
+                         chunk_size=8, swa_window=8, short_conv=4)
+    model = BLaLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "tokenizer": data.tokenizer_to_dict(enc),
+                     "iter": 7, "tokens_seen": 1000, "words_seen": 800}, path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(enc, tmp_path_factory):
+    """mixer -> (BLaLM, exported folder)."""
+    out = {}
+    for mixer in MIXERS:
+        base = tmp_path_factory.mktemp(f"export_{mixer}")
+        model = tiny_checkpoint(enc, mixer, base / "ckpt.pt")
+        folder = base / f"blalm_export_test_{mixer}"  # a name of its own in transformers' modules cache
+        export.main([f"--ckpt={base / 'ckpt.pt'}", f"--out={folder}"])
+        out[mixer] = (model, folder)
+    return out
+
+
+def read_safetensors(path):
+    """An independent reader: -> (header dict, data bytes)."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def transformers_or_skip():
+    return pytest.importorskip("transformers", reason="transformers is not installed: loading the export is untested")
+
+
+def load_hf(folder):
+    transformers = transformers_or_skip()
+    # transformers copies the folder's code into its modules cache under the folder's name; a copy left by an
+    # earlier run could hide a file that this export fails to make transformers copy
+    shutil.rmtree(Path(transformers.utils.HF_MODULES_CACHE) / "transformers_modules" / folder.name, ignore_errors=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, local_files_only=True, output_loading_info=True)
+    return model.eval(), info
+
+
+@pytest.fixture(scope="module")
+def hf(exported):
+    """mixer -> (the exported folder loaded by transformers, its loading info), each loaded once."""
+    loaded = {}
+
+    def get(mixer):
+        if mixer not in loaded:
+            loaded[mixer] = load_hf(exported[mixer][1])
+        return loaded[mixer]
+    return get
+
+
+def sample_text(n_chars=100_000):
+    files = sorted((SHARED / "corpus").glob("*/*.txt.gz"))
+    if not files:
+        pytest.skip(f"{SHARED / 'corpus'} is absent (shared data not provided)")
+    texts = []
+    for f in files[::max(1, len(files) // 8)]:
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            texts.append(fh.read(n_chars // 8))
+    return texts
+
+# -----------------------------------------------------------------------------
+# Without transformers: the files as files
+
+
+def test_safetensors_writer_layout_and_package_agree(tmp_path):
+    tensors = {"b.w": torch.randn(3, 5), "a.scalar": torch.tensor(2.5, dtype=torch.float64),
+               "c.bf16": torch.randn(4).bfloat16(), "d.ids": torch.arange(7), "e.empty": torch.zeros(0, 3),
+               "f.mask": torch.tensor([True, False, True])}
+    path = tmp_path / "w.safetensors"
+    export.write_safetensors(tensors, path, {"format": "pt"})
+    header, blob = read_safetensors(path)
+    assert header.pop("__metadata__") == {"format": "pt"}
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0
+    expect_dtype = {"b.w": "F32", "a.scalar": "F64", "c.bf16": "BF16", "d.ids": "I64", "e.empty": "F32", "f.mask": "BOOL"}
+    ends = []
+    for name, t in tensors.items():
+        h = header[name]
+        assert h["dtype"] == expect_dtype[name] and h["shape"] == list(t.shape)
+        b, e = h["data_offsets"]
+        assert e - b == t.numel() * t.element_size()
+        ends.append((b, e))
+    ends.sort()
+    assert ends[0][0] == 0 and ends[-1][1] == len(blob)
+    assert all(e == b2 for (_, e), (b2, _) in zip(ends, ends[1:]))  # contiguous, no gaps, no overlap
+    f32 = header["b.w"]["data_offsets"]
+    assert struct.unpack(f"<{15}f", blob[f32[0]:f32[1]]) == tuple(tensors["b.w"].flatten().tolist())
+    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors not installed: package check skipped")
+    loaded = safetensors.load_file(str(path))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
+    theirs = tmp_path / "theirs.safetensors"
+    safetensors.save_file(tensors, str(theirs))
+    header2, _ = read_safetensors(theirs)
+    header2.pop("__metadata__", None)
+    assert {k: (v["dtype"], v["shape"]) for k, v in header2.items()} == \
+        {k: (v["dtype"], v["shape"]) for k, v in header.items()}
+
+
+def test_bpe_merges_join_lower_ranked_tokens_in_rank_order(enc):
+    ranks = enc._mergeable_ranks
+    merges = export.bpe_merges(ranks)
+    made = [ranks[a + b] for a, b in merges]
+    assert made == sorted(made) and len(set(made)) == len(made)  # one merge per token, in rank order
+    assert all(ranks[a] < ranks[a + b] and ranks[b] < ranks[a + b] for a, b in merges)
+    # every token that BPE reaches has its merge: train_bpe builds each token by one merge
+    assert len(merges) == sum(len(t) > 1 for t in ranks)
+
+
+def test_bytes_to_unicode_is_gpt2s_printable_bijection():
+    table = export.bytes_to_unicode()
+    assert len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a" and table[0] == "Ā"
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+
+
+def test_export_folder_files(exported, enc):
+    model, folder = exported["mlstm"]
+    names = {p.name for p in folder.iterdir()}
+    assert names >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "configuration_blalm.py", "modeling_blalm.py", *export.MODEL_FILES}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "blalm" and config["architectures"] == ["BLaLMForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "configuration_blalm.BLaLMHFConfig",
+                                  "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM"}
+    assert config["bos_token_id"] == config["eos_token_id"] == enc.eot_token
+    assert BLaLMConfig.from_dict({k: config[k] for k in BLaLMConfig().to_dict()}) == \
+        BLaLMConfig(**{**model.config.to_dict(), "mlstm_kernel": "torch"})
+    header, blob = read_safetensors(folder / "model.safetensors")
+    header.pop("__metadata__")
+    sd = model.state_dict()
+    assert set(header) == {"blalm." + k for k in sd if k != "lm_head.weight"}  # the tied head stored once
+    for k, h in header.items():
+        t = sd[k.removeprefix("blalm.")]
+        assert h["dtype"] == "F32" and h["shape"] == list(t.shape)
+    b, e = header["blalm.transformer.wte.weight"]["data_offsets"]
+    wte = torch.frombuffer(bytearray(blob[b:e]), dtype=torch.float32).view(enc.n_vocab, -1)
+    assert torch.equal(wte, sd["transformer.wte.weight"])
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    assert len(tok["model"]["vocab"]) == enc.n_vocab - 1 and len(tok["model"]["merges"]) == enc.n_vocab - 257
+    assert [(t["content"], t["id"], t["special"]) for t in tok["added_tokens"]] == [("<|endoftext|>", enc.eot_token, True)]
+
+
+def test_exported_code_imports_only_itself_relatively(exported):
+    _, folder = exported["attn"]
+    for name in (*export.MODEL_FILES, *export.WRAPPER_FILES):
+        src = (folder / name).read_text()
+        assert "from hedgehog import" not in src and "from mlstm_triton import" not in src
+    assert "from .hedgehog import" in (folder / "blalm.py").read_text()
+
+
+def test_export_run_writes_milestone_revisions_and_refuses_to_overwrite(enc, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(enc, "mlstm", run / "ckpt.pt")
+    for n in (2, 10, 1):
+        tiny_checkpoint(enc, "mlstm", run / f"ckpt_{n}M_words.pt", seed=n)
+    out = tmp_path / "hf_run"
+    export.main([f"--run={run}", f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["chck_10M", "chck_1M", "chck_2M"]
+    for n in (1, 2, 10):
+        assert (out / f"chck_{n}M" / "model.safetensors").is_file()
+        assert f"--revision chck_{n}M" in printed
+    assert printed.index("chck_1M .") < printed.index("chck_2M .") < printed.index("chck_10M .")
+    w1 = read_safetensors(out / "chck_1M" / "model.safetensors")[1]
+    w2 = read_safetensors(out / "chck_2M" / "model.safetensors")[1]
+    assert w1 != w2  # each folder holds its own checkpoint
+    with pytest.raises(ValueError, match="--overwrite=True"):
+        export.main([f"--run={run}", f"--out={out}"])
+    (run / "ckpt_1M_words.pt").unlink()
+    export.main([f"--run={run}", f"--out={out}", "--overwrite=True"])
+    assert not (out / "chck_1M").exists() and (out / "chck_2M").is_dir()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
+
+
+def test_failed_export_leaves_nothing(enc, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(enc, "mlstm", run / "ckpt.pt")
+    (run / "ckpt_1M_words.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="ckpt_1M_words.pt is corrupt"):
+        export.main([f"--run={run}", f"--out={tmp_path / 'out'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([], "one of --ckpt"),
+    (["--ckpt=a.pt", "--run=r", "--out=o"], "one of --ckpt"),
+    (["--ckpt=a.pt"], "--out=DIR is required"),
+    (["--ckpt=missing.pt", "--out=o"], "does not exist"),
+    (["--run=missing_run", "--out=o"], "not a folder"),
+])
+def test_export_bad_arguments(argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        export.main(argv)
+
+
+def test_export_refuses_dotted_or_missing_out(exported, tmp_path):
+    ckpt = exported["mlstm"][1].parent / "ckpt.pt"
+    with pytest.raises(ValueError, match="has a '.'"):
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'blalm.v2'}"])
+    with pytest.raises(ValueError, match="does not exist"):
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'no' / 'such'}"])
+
+# -----------------------------------------------------------------------------
+# With transformers: the folder loaded back
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_hf_model_logits_match_blalm(exported, hf, mixer):
+    model = exported[mixer][0]
+    hf, info = hf(mixer)
+    assert all(not info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert hf.blalm.lm_head.weight.data_ptr() == hf.blalm.transformer.wte.weight.data_ptr()
+    assert hf.dtype == torch.float32
+    idx = torch.randint(0, model.config.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, _ = model(idx)
+        got = hf(input_ids=idx).logits
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_hf_loads_weights_of_own_safetensors_writer(exported, tmp_path):
+    transformers_or_skip()
+    model, folder = exported["attn"]
+    mine = tmp_path / "blalm_export_test_own_writer"
+    shutil.copytree(folder, mine)
+    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
+    weights = safetensors.load_file(str(folder / "model.safetensors"))
+    export.write_safetensors(weights, mine / "model.safetensors", {"format": "pt"})
+    hf, info = load_hf(mine)
+    assert all(not info[k] for k in ("missing_keys", "unexpected_keys"))
+    idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (hf(input_ids=idx).logits - model(idx)[0]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_hf_right_padding_leaves_real_logits(hf, mixer):
+    hf, _ = hf(mixer)
+    g = torch.Generator().manual_seed(2)
+    lengths = [29, 11, 20]
+    seqs = [torch.randint(0, hf.config.vocab_size, (n,), generator=g) for n in lengths]
+    x = torch.full((3, 29), hf.config.eos_token_id)
+    mask = torch.zeros(3, 29, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)], mask[r, :len(s)] = s, 1
+    with torch.no_grad():
+        batch = hf(input_ids=x, attention_mask=mask).logits
+        for r, s in enumerate(seqs):
+            alone = hf(input_ids=s[None]).logits[0]
+            assert (batch[r, :len(s)] - alone).abs().max().item() < 1e-5
+        with pytest.raises(ValueError, match="right padding"):
+            hf(input_ids=x, attention_mask=mask.flip(1))
+
+
+def test_hf_loss_is_next_token_cross_entropy(exported, hf):
+    model = exported["hedgehog"][0]
+    hf, _ = hf("hedgehog")
+    idx = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    labels = idx.clone()
+    labels[0, 5:9] = -100
+    targets = labels[:, 1:].masked_fill(labels[:, 1:] == -100, -1)
+    with torch.no_grad():
+        _, want = model(idx[:, :-1], targets)  # BLaLM's own loss: inputs and targets shifted by hand
+        out = hf(input_ids=idx, labels=labels)
+        assert abs(out.loss.item() - want.item()) < 1e-5
+        assert hf(input_ids=idx, labels=labels, return_dict=False)[0].item() == out.loss.item()
+
+
+def test_hf_tokenizer_matches_tiktoken_odd_strings(exported, enc):
+    transformers = transformers_or_skip()
+    tok = transformers.AutoTokenizer.from_pretrained(exported["mlstm"][1], local_files_only=True)
+    for s in ODD_STRINGS + synthetic_text()[:20]:
+        ids = enc.encode_ordinary(s)
+        assert tok(s, add_special_tokens=False)["input_ids"] == ids, s
+        assert tok(s)["input_ids"] == [enc.eot_token] + ids, s  # BOS prepended, as the pipeline tokenizes
+        assert tok.decode(ids) == s
+    assert tok.bos_token_id == tok.eos_token_id == enc.eot_token
+
+
+def test_hf_tokenizer_matches_tiktoken_on_corpus(tmp_path):
+    transformers = transformers_or_skip()
+    texts = sample_text()
+    real = data.train_bpe(texts[::2], 1024)  # trained on half, tested on all
+    tiny_checkpoint(real, "mlstm", tmp_path / "ckpt.pt")
+    export.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={tmp_path / 'blalm_real'}"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "blalm_real", local_files_only=True)
+    lines = [line for t in texts for line in t.splitlines(keepends=True)]
+    random.Random(0).shuffle(lines)
+    chunks = ["".join(lines[i:i + 50]) for i in range(0, len(lines), 50)]
+    assert tok(chunks, add_special_tokens=False)["input_ids"] == real.encode_ordinary_batch(chunks)
+
+
+def pipeline_scores(hf, tok, sentences):
+    """The BabyLM 2025 pipeline's causal scoring of whole sentences (its sentence_zero_shot, task blimp):
+    tokenize with special tokens and offsets, right-pad with EOS, inputs = tokens[:-1], targets = tokens[1:],
+    the score = the sum of the targets' log-probabilities whose span ends past the completion's start (here 0)."""
+    rows = [tok(s, return_offsets_mapping=True) for s in sentences]
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), tok.eos_token_id)
+    attn, phrase = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], attn[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["attention_mask"])
+        phrase[i, :n] = torch.tensor([float(end > 0) for _, end in r["offset_mapping"]])
+    with torch.no_grad():
+        logits = hf(input_ids=ids[:, :-1], attention_mask=attn[:, :-1])["logits"]
+    logp = F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * phrase[:, 1:]).sum(1).double()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_hf_pipeline_scores_match_eval_on_blimp(exported, hf, enc, mixer):
+    transformers = transformers_or_skip()
+    blimp = SHARED / "babylm_eval" / "blimp_filtered"
+    if not blimp.is_dir():
+        pytest.skip(f"{blimp} is absent (shared data not provided)")
+    model, folder = exported[mixer]
+    pairs = [json.loads(line) for f in sorted(blimp.glob("*.jsonl"))[:4] for line in f.open().readlines()[:4]]
+    sentences = [p["sentence_good"] for p in pairs] + [p["sentence_bad"] for p in pairs]
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side="right")
+    hf, _ = hf(mixer)
+    want = evaluate.sentence_logprobs(model, enc, sentences)
+    got = pipeline_scores(hf, tok, sentences)
+    assert (got - want).abs().max().item() < 1e-4
 
 
 # =============================================================================
