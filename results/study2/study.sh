@@ -20,7 +20,7 @@ COMMON="--preset=strict_small --data=$D --eval_pairs=none --milestones=False --l
  --eval_interval=250"
 mkdir -p "$OUT_ROOT"
 
-flags_of() { awk -v n="$1" '$1 == n { $1 = ""; print; found = 1 } END { if (!found) exit 1 }' results/study2/queue.txt; }
+flags_of() { awk -v n="$1" '!/^#/ && $1 == n { $1 = ""; print; found = 1 } END { if (!found) exit 1 }' results/study2/queue.txt; }
 
 evaluate() {  # evaluate RUN_DIR CKPT SUFFIX
   local run=$1 ck=$2 tag=$3
