@@ -402,12 +402,16 @@ def shared_prefix_logprobs(model, groups, device=None, batch_size=64, progress=N
     return out
 
 
-def token_logprobs(model, seqs, bos, device=None, batch_size=64):
-    """Token-id lists -> float64 tensor of sum_t log P(x_t | bos, x_<t), one per list."""
-    return sum_logprobs(model, [[bos] + s for s in seqs], [len(s) for s in seqs], device, batch_size)
+def token_logprobs(model, seqs, bos, device=None, batch_size=64, progress=None):
+    """Token-id lists -> float64 tensor of sum_t log P(x_t | bos, x_<t), one per list. progress: a label for
+    progress lines on stderr (None: quiet)."""
+    if progress:
+        progress = Progress(progress, len(seqs), sum(len(s) for s in seqs))
+    return sum_logprobs(model, [[bos] + s for s in seqs], [len(s) for s in seqs], device, batch_size,
+                        progress=progress)
 
 
-def sentence_logprobs(model, enc, sentences, device=None, batch_size=64):
+def sentence_logprobs(model, enc, sentences, device=None, batch_size=64, progress=None):
     """log P(sentence) under the model, the end-of-text token prepended -> float64 tensor (N,)."""
     seqs = [enc.encode_ordinary(s) for s in sentences]
     for s, t in zip(sentences, seqs):
@@ -416,10 +420,11 @@ def sentence_logprobs(model, enc, sentences, device=None, batch_size=64):
         if getattr(model, "learned_pos", False) and len(t) > model.config.block_size:
             raise ValueError(f"sentence {s!r} is {len(t)} tokens, longer than block_size="
                              f"{model.config.block_size} of this mixer={model.config.mixer!r} model")
-    return token_logprobs(model, seqs, enc.eot_token, device, batch_size)
+    return token_logprobs(model, seqs, enc.eot_token, device, batch_size, progress)
 
 
-def score_pairs(model, enc, pairs_by_paradigm, device=None, batch_size=64, max_pairs_per_paradigm=None):
+def score_pairs(model, enc, pairs_by_paradigm, device=None, batch_size=64, max_pairs_per_paradigm=None,
+                progress=None):
     """-> dict(paradigms={name: accuracy}, fields={field: accuracy over its pairs}, n_pairs={name: n},
     macro_average=mean accuracy over paradigms); accuracies in percent, a tie counts as wrong.
     max_pairs_per_paradigm keeps the first pairs of each paradigm (for quick evaluation during training).
@@ -432,7 +437,8 @@ def score_pairs(model, enc, pairs_by_paradigm, device=None, batch_size=64, max_p
     if not pairs_by_paradigm or empty:
         raise ValueError(f"no minimal pairs to score (paradigms without pairs: {empty})")
     flat = [(k, p) for k, v in pairs_by_paradigm.items() for p in v[:max_pairs_per_paradigm]]
-    lp = sentence_logprobs(model, enc, [p.good for _, p in flat] + [p.bad for _, p in flat], device, batch_size)
+    lp = sentence_logprobs(model, enc, [p.good for _, p in flat] + [p.bad for _, p in flat], device, batch_size,
+                           progress)
     right = (lp[:len(flat)] > lp[len(flat):]).tolist()  # strictly greater: a tie is wrong
     by_paradigm, by_field = {}, {}
     for (k, p), r in zip(flat, right):
@@ -750,7 +756,7 @@ def main(argv):
         print_babylm(res, cfg.babylm)
         results["macro_average"] = res["macro_average"]
     if pairs:
-        res = score_pairs(model, enc, pairs, device, cfg.batch_size, cfg.max_pairs or None)
+        res = score_pairs(model, enc, pairs, device, cfg.batch_size, cfg.max_pairs or None, progress="minimal pairs")
         w = max(map(len, res["paradigms"]))
         for paradigm, a in res["paradigms"].items():
             print(f"{paradigm:<{w}}  {a:6.2f}  ({res['n_pairs'][paradigm]} pairs)")

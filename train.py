@@ -86,7 +86,7 @@ PRESETS = {
     "default": {},
     # real text on a 2-4 core CPU: about 10 minutes, a line every few seconds
     "cpu": dict(budget_words=2_000_000, vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=192,
-                swa_window=32, batch_size=16, max_iters=1500, eval_interval=250, eval_iters=20, log_interval=25,
+                swa_window=32, batch_size=16, max_iters=550, eval_interval=110, eval_iters=20, log_interval=12,
                 warmup_iters=50, schedule="wsd", min_lr_ratio=0.0, eval_max_pairs=100),
     # the BabyLM tracks: a ~30M non-embedding parameter model, context 512. STRICT-SMALL: the recipe of
     # results/study2 -- 4 epochs (where validation stopped falling), warmup-stable-decay annealed to 0 over the
