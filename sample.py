@@ -1,6 +1,6 @@
 """
 Generate text from a checkpoint: the prompt is read once, then each new token is decoded from the
-model's recurrent state (model.generate).
+model's recurrent state (model.generate); the samples are the rows of one batch.
 
     python sample.py --ckpt=out/ckpt.pt --start="Once upon a time" --num_samples=3
     python sample.py --ckpt=out/ckpt.pt --start=FILE:prompt.txt    # the prompt from a file
@@ -48,10 +48,10 @@ def main(argv):
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {n} is longer "
                          f"than block_size={model.config.block_size} of this mixer={model.config.mixer!r} model")
     torch.manual_seed(cfg.seed)
-    x = torch.tensor([prompt], dtype=torch.long, device=device)
-    for _ in range(cfg.num_samples):
-        y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-        print(enc.decode(y[0].tolist()[0 if start else 1:]))
+    x = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # all samples in one batch
+    y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+    for row in y.tolist():
+        print(enc.decode(row[0 if start else 1:]))
         print("-" * 40)
 
 

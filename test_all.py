@@ -1,7 +1,8 @@
 """The whole test suite: python -m pytest -q test_all.py
 
-Grouped by file in the order of the design: blalm.py, hedgehog.py, muon.py, data.py, train/eval/sample,
-bench.py, notebooks. Each test's name states the property it proves."""
+Grouped by file in the order of the layers (README): the layout, blalm.py's mLSTM, mlstm_triton.py, the model,
+hedgehog.py (and convert.py), muon.py, data.py (and synthetic.py, prepare.py), train.py (and common.py), eval.py and
+sample.py, export.py, bench.py, the notebooks. Each test's name states the property it proves."""
 
 import ast
 from collections import Counter
@@ -34,18 +35,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bench
 import blalm
 from blalm import (_intra_chunk_torch, BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent,
                    mlstm_step, segsum)
 import common
-from common import parse_args, save_checkpoint
+from common import load_checkpoint, parse_args, save_checkpoint
 import convert
 from convert import (add_lora, attention_maps, distill_feature_maps, distillation_losses, finetune, layer_qk,
                      load_softmax_model, LoRALinear, make_student, merge_lora)
 import data
 from data import synthetic_minimal_pairs, tokenizer_to_dict, train_bpe
 import eval as evaluate
-from eval import load_pairs, main as eval_main, Pair, perplexity, score_pairs, sentence_logprobs
+from eval import (BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, main as eval_main, Pair, perplexity,
+                  score_pairs, sentence_logprobs)
 import export
 from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy, attention_monotonicity, causal_mask,
                       elu_plus_one, EluFeatureMap, HedgehogFeatureMap, linear_attention_chunkwise,
@@ -54,6 +57,7 @@ from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy,
                       softmax_attention_weights, taylor_map)
 from muon import configure_optimizers, Muon, split_params, zeropower_via_newtonschulz5
 import prepare
+import sample
 import synthetic
 import train
 
@@ -1267,7 +1271,6 @@ def tiny_prepared_data(tmp_path_factory):
 
 def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_hedgehog_checkpoint(
         tiny_prepared_data, tmp_path):
-    from common import load_checkpoint, save_checkpoint
     torch.set_num_threads(1)
     meta = data.load_meta(tiny_prepared_data)
     tokenizer = data.tokenizer_to_dict(data.load_tokenizer(tiny_prepared_data))
@@ -1298,7 +1301,6 @@ def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_he
 
 
 def test_conversion_refuses_data_of_another_tokenizer_and_bad_flags(tiny_prepared_data, tmp_path, capsys):
-    from common import save_checkpoint
     teacher = tiny_teacher(vocab_size=data.load_meta(tiny_prepared_data)["vocab_size"])
     save_checkpoint({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 0, "tokens_seen": 0,
                      "words_seen": 0, "tokenizer": {"name": "gpt2"}}, str(tmp_path / "teacher.pt"))
@@ -2863,7 +2865,6 @@ def tiny_model(mixer="mlstm", dtype=torch.float64, seed=0, **kw):
 
 @pytest.fixture
 def ckpt_path(tmp_path):
-    from train import save_checkpoint
     model = tiny_model(dtype=torch.float32)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
@@ -3020,22 +3021,23 @@ def test_sample_cli_prints_samples_separated_by_dashes(ckpt_path, tmp_path):
 
 
 def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, capsys):
-    from sample import main as sample_main
-    from train import save_checkpoint
+    sample_main = sample.main
     model = tiny_model("attn", dtype=torch.float32)
     path = tmp_path / "attn.pt"
-    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
+    common.save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
                          words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
     sample_main([f"--ckpt={path}", "--num_samples=1", "--max_new_tokens=31", "--temperature=0", "--device=cpu"])
     text = capsys.readouterr().out.removesuffix("\n" + "-" * 40 + "\n")
     want = model.generate(torch.tensor([[256]]), 31, temperature=0)[0, 1:].tolist()  # greedy, eot not printed
     assert text == byte_tokenizer().decode(want)
+    sample_main([f"--ckpt={path}", "--num_samples=3", "--max_new_tokens=31", "--temperature=0", "--device=cpu"])
+    rows = capsys.readouterr().out.split("-" * 40 + "\n")[:-1]   # three greedy rows of one batch: the same text
+    assert [r.removesuffix("\n") for r in rows] == [text] * 3
     with pytest.raises(ValueError, match=r"= 33 is longer than block_size=32"):
         sample_main([f"--ckpt={path}", "--start=hi", "--max_new_tokens=31", "--device=cpu"])
 
 
 def test_builtin_pairs_in_process_end_with_macro_average(ckpt_path, capsys):
-    from eval import BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED
     records = synthetic_minimal_pairs(BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED)
     res = eval_main([f"--ckpt={ckpt_path}", "--pairs=builtin", "--max_pairs=2", "--device=cpu"])
     assert set(res["paradigms"]) == {r["UID"] for r in records} and set(res["n_pairs"].values()) == {2}
@@ -3835,7 +3837,6 @@ def test_hf_pipeline_scores_match_eval_on_blimp(exported, hf, enc, mixer):
 
 
 def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu(tmp_path):
-    import bench
     out = tmp_path / "bench.json"
     results = bench.main(["--suite=all", "--repeat=1", f"--json={out}", "--device=cpu"])
     saved = json.loads(out.read_text())
