@@ -946,22 +946,25 @@ def _settings(source, budget_words, vocab_size, val_fraction, seed, curriculum, 
     return json.loads(json.dumps(s))  # as it reads back from meta.json: lists, not tuples
 
 
-def _check_out_dir(out_dir):
-    """Fail now, not after curation and BPE, when out_dir cannot be written: it is a file, lies under a file,
-    or it (or its parent folder) is read-only. Creates the parent folder."""
+def check_out_dir(out_dir, flag="out"):
+    """Fail now, not after a long job, when the folder out_dir cannot be written: it is a file, lies under a
+    file, or it (or its parent folder) is read-only. Creates the parent folder. prepare's --out and
+    train.py's --out_dir are checked with this."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out={out_dir} is a file; expected a folder (new, or one prepared before)")
+        raise ValueError(f"{flag}={out_dir} is a file; expected a folder")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         blocker = next((p for p in out_dir.parents if p.is_file()), None)
-        raise ValueError(f"out={out_dir}: {blocker} is a file, not a folder" if blocker else
-                         f"out={out_dir}: cannot create {out_dir.parent} ({e.strerror})") from None
+        raise ValueError(f"{flag}={out_dir} lies under {blocker}, which is a file ({blocker.name} is a file, not a "
+                         f"folder)" if blocker else f"{flag}={out_dir}: cannot create {out_dir.parent} ({e.strerror})"
+                         ) from None
     for folder in [out_dir.parent] + ([out_dir] if out_dir.is_dir() else []):
         try:  # os.access cannot see an immutable folder, or a read-only one when run as root
             fd, probe = tempfile.mkstemp(dir=folder, prefix=_temp_prefix("probe"))
         except OSError as e:
-            raise ValueError(f"out={out_dir}: cannot write in {folder} ({e.strerror})") from None
+            raise ValueError(f"{flag}={out_dir}: cannot write in {folder} ({e.strerror})") from None
         os.close(fd)
         os.unlink(probe)
 
@@ -1006,7 +1009,7 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     wanted = parse_sources(sources)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     for path in remove_stray_temps(out_dir.parent):
         log(f"removed {path}, left by a killed run")
     tmp, scratch = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name), dir=out_dir.parent)), None

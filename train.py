@@ -162,14 +162,7 @@ def milestone_words(words_before, words_after):
 def check_out_dir(c):
     """out_dir must be a writable folder (made if missing); one that holds a run needs --resume or --overwrite."""
     out = c.out_dir
-    parent = os.path.dirname(os.path.abspath(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out_dir={out} is a file, not a folder")
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"--out_dir={out} lies under {probe}, which is a file")
+    data.check_out_dir(out, "--out_dir")   # a file, under a file, or not writable
     ckpt = os.path.join(out, "ckpt.pt")
     if c.resume and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--resume=True but {ckpt} does not exist: nothing to continue "
@@ -183,15 +176,6 @@ def check_out_dir(c):
         for name in os.listdir(out):
             if (name.startswith("ckpt") and name.endswith(".pt")) or name in ("log.jsonl", "loss.png"):
                 os.remove(os.path.join(out, name))
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"--out_dir={out} is not writable")
-    try:  # read-only mounts and immutable folders pass os.access for root: try for real
-        probe_file = os.path.join(out, f".write-test-{os.getpid()}")
-        with open(probe_file, "w"):
-            pass
-        os.remove(probe_file)
-    except OSError as e:
-        raise ValueError(f"--out_dir={out} is not writable ({e.strerror})") from None
     data.remove_stray_temps(out)
 
 
@@ -399,8 +383,8 @@ def main(argv):
         model.train()
         return result
 
-    def weights_finite():
-        return all(torch.isfinite(p).all() for p in raw_model.parameters())
+    def weights_finite():  # one device sync, not one per parameter
+        return bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all())
 
     def checkpoint(path):
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
