@@ -53,7 +53,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from common import check_writable, load_checkpoint, parse_args, pick_device, run_cli, write_json
-from data import synthetic_minimal_pairs, write_atomic
+from data import write_atomic
+from synthetic import synthetic_minimal_pairs
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
 BUILTIN_SEED = 1234
@@ -69,7 +70,7 @@ class EvalConfig:
     plot_out: str = ""       # --run's figure ("" = RUN/babylm_curve.png)
     blimp: str = ""          # a BLiMP .jsonl file or a folder of them
     zorro: str = ""          # a Zorro .txt file or a folder of them
-    pairs: str = ""          # "builtin": data.synthetic_minimal_pairs, 200 per phenomenon, seed 1234
+    pairs: str = ""          # "builtin": synthetic.synthetic_minimal_pairs, 200 per phenomenon, seed 1234
     text: str = ""           # a text file (.txt or .txt.gz): perplexity and bits per byte
     max_pairs: int = 0       # use only the first max_pairs items of each paradigm / UID (0 = all)
     batch_size: int = 64     # sequences per forward pass (windows of block_size for --text: batch_size // 8)

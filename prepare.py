@@ -1,6 +1,6 @@
 """
 Prepare a corpus for training: curate it, train a byte-level BPE tokenizer, write the token bins
-(data.prepare). The output folder holds train.bin, val.bin, tokenizer.tiktoken, meta.json, report.md and
+(corpus.prepare). The output folder holds train.bin, val.bin, tokenizer.tiktoken, meta.json, report.md and
 readability.png; train.py --data=FOLDER trains on it.
 
     python prepare.py                                                   # the synthetic corpus -> data_prepared/synthetic
@@ -15,7 +15,7 @@ by commas, or "synthetic". Preparing into a folder that holds an earlier prepara
 from dataclasses import asdict, dataclass
 
 from common import parse_args, run_cli
-from data import DEFAULT_EXCLUDE, default_out_dir, prepare
+from corpus import DEFAULT_EXCLUDE, default_out_dir, prepare
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """
 The built-in synthetic corpus: child-directed English from a small probabilistic grammar, with BLiMP-style
-minimal pairs from the same grammar (data.prepare("synthetic", ...) writes both).
+minimal pairs from the same grammar (corpus.prepare("synthetic", ...) writes both).
 
 It is a teaching corpus for machines without data: it trains fast and its pairs are learnable, but scores on
 it say nothing about BabyLM. Every word form is spelled out in the lexicon, so a recogniser (see the tests)

@@ -44,8 +44,10 @@ from common import load_checkpoint, parse_args, save_checkpoint
 import convert
 from convert import (add_lora, attention_maps, distill_feature_maps, distillation_losses, finetune, layer_qk,
                      load_softmax_model, LoRALinear, make_student, merge_lora)
+import corpus
+from corpus import train_bpe
 import data
-from data import synthetic_minimal_pairs, tokenizer_to_dict, train_bpe
+from data import tokenizer_to_dict
 import eval as evaluate
 from eval import (BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, main as eval_main, Pair, perplexity,
                   score_pairs, sentence_logprobs)
@@ -59,6 +61,7 @@ from muon import configure_optimizers, Muon, split_params, zeropower_via_newtons
 import prepare
 import sample
 import synthetic
+from synthetic import synthetic_minimal_pairs
 import train
 
 torch.set_num_threads(2)
@@ -75,7 +78,7 @@ def rel_err(a, b):
 
 
 LAYERS = {"hedgehog": 1, "muon": 1, "mlstm_triton": 1,            # math: torch only
-          "blalm": 2, "data": 2, "synthetic": 2,                   # model and data
+          "blalm": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
           "common": 3,                                             # plumbing
           "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4}  # scripts
 
@@ -98,7 +101,8 @@ def test_imports_point_down_the_layers_with_no_cycle_and_no_importer_of_train():
     for name, deps in graph.items():
         assert "train" not in deps, f"{name}.py imports train.py"
         for dep in deps:
-            downward = LAYERS[dep] < LAYERS[name] or (name, dep) in (("data", "synthetic"), ("train", "eval"))
+            downward = LAYERS[dep] < LAYERS[name] or (name, dep) in (("data", "synthetic"), ("corpus", "data"), ("corpus", "synthetic"),
+                                                                       ("train", "eval"))
             assert downward, f"{name}.py (layer {LAYERS[name]}) imports {dep}.py (layer {LAYERS[dep]})"
     assert not any(graph[m] for m in ("hedgehog", "muon", "mlstm_triton") if m in graph), "a math file imports the project"
 
@@ -1265,7 +1269,7 @@ def test_gpt2_loading_errors_say_what_is_missing(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_prepared_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("hedgehog_data") / "synthetic"
-    data.prepare("synthetic", out, budget_words=4000, vocab_size=300, pairs_per_phenomenon=2, verbose=False)
+    corpus.prepare("synthetic", out, budget_words=4000, vocab_size=300, pairs_per_phenomenon=2, verbose=False)
     return out
 
 
@@ -1772,8 +1776,8 @@ def naive_bpe(texts, vocab_size):
 def test_bpe_matches_textbook_loop_and_is_deterministic():
     texts = ["the cat sat on the mat. the cats sat on the mats!", "aaaa aaa aa a baaa", "Über straße über Straße 123 1234"]
     texts = texts * 3 + ["the the the that this these those", "hello world, hello there"]
-    enc1 = data.train_bpe(texts, 310)
-    enc2 = data.train_bpe(texts, 310)
+    enc1 = corpus.train_bpe(texts, 310)
+    enc2 = corpus.train_bpe(texts, 310)
     assert enc1._mergeable_ranks == enc2._mergeable_ranks
     assert enc1._mergeable_ranks == naive_bpe(texts, 310)
     assert enc1.n_vocab == 310 and enc1.eot_token == 309
@@ -1782,7 +1786,7 @@ def test_bpe_matches_textbook_loop_and_is_deterministic():
 
 def test_bpe_round_trip_is_lossless_on_real_corpus_sample():
     texts = corpus_sample()
-    enc = data.train_bpe(texts, 400)
+    enc = corpus.train_bpe(texts, 400)
     for text in texts:
         ids = enc.encode_ordinary(text)
         assert enc.decode(ids) == text
@@ -1790,7 +1794,7 @@ def test_bpe_round_trip_is_lossless_on_real_corpus_sample():
 
 
 def test_bpe_round_trip_is_lossless_on_odd_unicode():
-    enc = data.train_bpe(ODD_UNICODE + ["plain english text for a few merges"] * 5, 300)
+    enc = corpus.train_bpe(ODD_UNICODE + ["plain english text for a few merges"] * 5, 300)
     for text in ODD_UNICODE:
         ids = enc.encode_ordinary(text)
         assert enc.decode_bytes(ids) == text.encode("utf-8")
@@ -1800,13 +1804,13 @@ def test_bpe_round_trip_is_lossless_on_odd_unicode():
 
 def test_bpe_rejects_too_small_and_too_large_vocab():
     with pytest.raises(ValueError, match="257"):
-        data.train_bpe(["hello"], 256)
+        corpus.train_bpe(["hello"], 256)
     with pytest.raises(ValueError, match="vocab_size=5000 is more than this text supports"):
-        data.train_bpe(["tiny text"], 5000)
+        corpus.train_bpe(["tiny text"], 5000)
 
 
 def test_tokenizer_dict_and_file_rebuild_the_same_encoding(tmp_path, monkeypatch):
-    enc = data.train_bpe(corpus_sample(1500) + ODD_UNICODE, 350)
+    enc = corpus.train_bpe(corpus_sample(1500) + ODD_UNICODE, 350)
     d = pickle.loads(pickle.dumps(data.tokenizer_to_dict(enc)))
     enc2 = data.tokenizer_from_dict(d)
     text = "".join(corpus_sample(1500)) + "".join(ODD_UNICODE)
@@ -1843,7 +1847,7 @@ def test_readability_ranks_onestopenglish_levels_article_by_article():
         with gzip.open(path, "rt", encoding="utf-8") as f:
             levels[level] = [a for a in f.read().strip("\n").split("\n\n")]
     assert len(levels["ele"]) == len(levels["int"]) == len(levels["adv"]) == 189  # parallel: same index, same article
-    right = sum(data.readability(e) > data.readability(i) > data.readability(a)
+    right = sum(corpus.readability(e) > corpus.readability(i) > corpus.readability(a)
                 for e, i, a in zip(levels["ele"], levels["int"], levels["adv"]))
     assert right == 181    # 95.8%: the README's number (the heuristic is deterministic)
 
@@ -1851,9 +1855,9 @@ def test_readability_ranks_onestopenglish_levels_article_by_article():
 def test_readability_is_flesch_reading_ease():
     # 2 sentences, 8 words; syllables by hand: The(1) cat(1) sat(1) on(1) the(1) mat(1) Beautiful(3) flowers(2)
     expected = 206.835 - 1.015 * 8 / 2 - 84.6 * 11 / 8
-    assert abs(data.readability("The cat sat on the mat. Beautiful flowers!") - expected) < 1e-9
+    assert abs(corpus.readability("The cat sat on the mat. Beautiful flowers!") - expected) < 1e-9
     with pytest.raises(ValueError):
-        data.readability("1234 !!")
+        corpus.readability("1234 !!")
 
 
 def read_split_docs(out, split):
@@ -1878,7 +1882,7 @@ def test_curation_counts_each_rule_and_keeps_good_text(tmp_path):
     with gzip.open(src / "speech.txt.gz", "wb") as f:
         f.write(speech)
     (src / "notes.md").write_text("not a corpus file")
-    meta = data.prepare(src, tmp_path / "out", vocab_size=280, val_fraction=0.0, min_doc_words=1, verbose=False)
+    meta = corpus.prepare(src, tmp_path / "out", vocab_size=280, val_fraction=0.0, min_doc_words=1, verbose=False)
     books, talk = meta["curation"]["books"], meta["curation"]["speech"]
     assert (books["duplicate"], books["duplicate_words"]) == (1, len(dup.split()))
     assert (books["mostly_non_letters"], books["char_repeat"]) == (1, 1)
@@ -1902,7 +1906,7 @@ def test_budget_weights_and_whole_document_validation(tmp_path):
     write_source(src / "big", synthetic.synthetic_corpus(12000, seed=1))
     write_source(src / "small", synthetic.synthetic_corpus(1500, seed=2))
     kw = dict(vocab_size=300, doc_words=100, verbose=False, seed=3)
-    meta = data.prepare(src, tmp_path / "a", budget_words=6000, sources="big:1,small:1", val_fraction=0.1, **kw)
+    meta = corpus.prepare(src, tmp_path / "a", budget_words=6000, sources="big:1,small:1", val_fraction=0.1, **kw)
     s = meta["sources"]
     assert meta["splits"]["train"]["words"] <= 6000
     # water-filling: "small" cannot give its half, so it gives nearly everything and "big" fills the rest
@@ -1911,7 +1915,7 @@ def test_budget_weights_and_whole_document_validation(tmp_path):
     train, val = read_split_docs(tmp_path / "a", "train"), read_split_docs(tmp_path / "a", "val")
     assert sum(len(d.split()) for d in train) == meta["splits"]["train"]["words"]
     assert val and not set(val) & set(train)  # validation holds out whole documents
-    meta = data.prepare(src, tmp_path / "b", budget_words=4000, sources="big:3,small:1", val_fraction=0.0, **kw)
+    meta = corpus.prepare(src, tmp_path / "b", budget_words=4000, sources="big:3,small:1", val_fraction=0.0, **kw)
     s = meta["sources"]
     assert abs(s["big"]["train_words"] - 3000) <= 100 and abs(s["small"]["train_words"] - 1000) <= 100
 
@@ -1925,7 +1929,7 @@ def test_babylm_layout_uses_dev_files_for_validation_and_never_reads_test(tmp_pa
             if suffix == "test":
                 docs = ["Zyxwvut marks the test file."] * 3
             (root / folder / f"{name}.{suffix}").write_text("\n\n".join(docs) + "\n")
-    meta = data.prepare(root, tmp_path / "out", vocab_size=300, doc_words=100, val_fraction=0.1, verbose=False)
+    meta = corpus.prepare(root, tmp_path / "out", vocab_size=300, doc_words=100, val_fraction=0.1, verbose=False)
     assert meta["validation"] == "BabyLM dev files" and set(meta["sources"]) == {"childes", "gutenberg"}
     dev_text = (root / "dev" / "childes.dev").read_text() + (root / "dev" / "gutenberg.dev").read_text()
     val = read_split_docs(tmp_path / "out", "val")
@@ -1938,8 +1942,8 @@ def test_curriculum_orders_training_documents_easy_to_hard(tmp_path):
     src = tmp_path / "corpus"
     write_source(src / "easy", synthetic.synthetic_corpus(1500, seed=1))
     write_source(src / "hard", corpus_sample(1500))
-    data.prepare(src, tmp_path / "out", vocab_size=300, doc_words=60, val_fraction=0.0, curriculum=True, verbose=False)
-    ease = [data.readability(d) for d in read_split_docs(tmp_path / "out", "train")]
+    corpus.prepare(src, tmp_path / "out", vocab_size=300, doc_words=60, val_fraction=0.0, curriculum=True, verbose=False)
+    ease = [corpus.readability(d) for d in read_split_docs(tmp_path / "out", "train")]
     assert len(ease) > 10 and all(a >= b for a, b in zip(ease, ease[1:]))
 
 
@@ -1950,7 +1954,7 @@ def test_curriculum_orders_training_documents_easy_to_hard(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn") / "out"
-    data.prepare("synthetic", out, budget_words=5000, vocab_size=512, pairs_per_phenomenon=20, verbose=False)
+    corpus.prepare("synthetic", out, budget_words=5000, vocab_size=512, pairs_per_phenomenon=20, verbose=False)
     return out
 
 
@@ -1998,17 +2002,17 @@ def test_tampered_or_truncated_files_are_refused(synthetic_dir, tmp_path):
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no/such/folder"):
-        data.prepare(tmp_path / "no/such/folder", tmp_path / "out", verbose=False)
+        corpus.prepare(tmp_path / "no/such/folder", tmp_path / "out", verbose=False)
     junk = tmp_path / "junk"
     write_source(junk / "s", ["***** 12345 ++++", "-- 99 --\n## 42 ##", "!!!!!!!!!!!!!!"])
     with pytest.raises(ValueError, match="empty after filtering"):
-        data.prepare(junk, tmp_path / "out", verbose=False)
+        corpus.prepare(junk, tmp_path / "out", verbose=False)
     with pytest.raises(ValueError, match="vocab_size=256"):
-        data.prepare("synthetic", tmp_path / "out", budget_words=2000, vocab_size=256, verbose=False)
+        corpus.prepare("synthetic", tmp_path / "out", budget_words=2000, vocab_size=256, verbose=False)
     with pytest.raises(ValueError, match="nosuch"):
-        data.prepare(junk, tmp_path / "out", sources="nosuch", verbose=False)
+        corpus.prepare(junk, tmp_path / "out", sources="nosuch", verbose=False)
     with pytest.raises(ValueError, match="tokenizer='wordpiece'"):
-        data.prepare("synthetic", tmp_path / "out", tokenizer="wordpiece", verbose=False)
+        corpus.prepare("synthetic", tmp_path / "out", tokenizer="wordpiece", verbose=False)
     with pytest.raises(ValueError, match="--nope=1"):
         parse_args(["--nope=1"], prepare.DataConfig)
     with pytest.raises(ValueError, match="--budget_words=ten"):
@@ -2019,10 +2023,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 def test_failed_prepare_writes_nothing_and_keeps_previous_output(tmp_path):
     out = tmp_path / "out"
-    data.prepare("synthetic", out, budget_words=2000, vocab_size=300, pairs_per_phenomenon=5, verbose=False)
+    corpus.prepare("synthetic", out, budget_words=2000, vocab_size=300, pairs_per_phenomenon=5, verbose=False)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(ValueError, match="more than this text supports"):  # fails after curation, in BPE training
-        data.prepare("synthetic", out, budget_words=2000, vocab_size=60000, verbose=False)
+        corpus.prepare("synthetic", out, budget_words=2000, vocab_size=60000, verbose=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
     data.load_meta(out)
@@ -2289,7 +2293,7 @@ TINY_PREP = dict(budget_words=2000, vocab_size=300, pairs_per_phenomenon=2)  # a
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "synthetic"
-    data.prepare("synthetic", out, verbose=False, **TINY_PREP)
+    corpus.prepare("synthetic", out, verbose=False, **TINY_PREP)
     return out
 
 
@@ -2323,37 +2327,37 @@ def small_corpus(folder, words=3000, seed=1):
 
 
 def test_check_prepared_accepts_the_same_preparation_and_names_the_keys_that_differ(tiny_dir, tmp_path):
-    assert data.check_prepared(tiny_dir, "synthetic", **TINY_PREP)
-    assert data.check_prepared(tiny_dir, "synthetic", **{**TINY_PREP, "budget_words": 2000.0})  # same value, other type
-    assert data.check_prepared(tmp_path / "nothing_here", "synthetic", **TINY_PREP) is False
+    assert corpus.check_prepared(tiny_dir, "synthetic", **TINY_PREP)
+    assert corpus.check_prepared(tiny_dir, "synthetic", **{**TINY_PREP, "budget_words": 2000.0})  # same value, other type
+    assert corpus.check_prepared(tmp_path / "nothing_here", "synthetic", **TINY_PREP) is False
     with pytest.raises(ValueError, match=r"vocab_size is 300 there, 512 here") as e:
-        data.check_prepared(tiny_dir, "synthetic", **{**TINY_PREP, "vocab_size": 512, "seed": 0})
+        corpus.check_prepared(tiny_dir, "synthetic", **{**TINY_PREP, "vocab_size": 512, "seed": 0})
     assert "seed is 1337 there, 0 here" in str(e.value) and "budget_words" not in str(e.value)
     with pytest.raises(ValueError, match="curriculum"):
-        data.check_prepared(tiny_dir, "synthetic", **TINY_PREP, curriculum=True)
+        corpus.check_prepared(tiny_dir, "synthetic", **TINY_PREP, curriculum=True)
 
 
 def test_check_prepared_tells_corpora_of_the_same_folder_name_apart(tmp_path):
     a, b = small_corpus(tmp_path / "a" / "corpus", seed=1), small_corpus(tmp_path / "b" / "corpus", seed=2)
     out = tmp_path / "data_prepared" / "corpus"
     kw = dict(vocab_size=280, val_fraction=0.0, verbose=False)
-    data.prepare(a, out, **kw)
-    assert data.check_prepared(out, a, vocab_size=280, val_fraction=0.0)
-    assert data.check_prepared(out, str(a) + "/", vocab_size=280, val_fraction=0.0)  # the same folder, spelt otherwise
+    corpus.prepare(a, out, **kw)
+    assert corpus.check_prepared(out, a, vocab_size=280, val_fraction=0.0)
+    assert corpus.check_prepared(out, str(a) + "/", vocab_size=280, val_fraction=0.0)  # the same folder, spelt otherwise
     with pytest.raises(ValueError, match="source is") as e:
-        data.check_prepared(out, b, vocab_size=280, val_fraction=0.0)
+        corpus.check_prepared(out, b, vocab_size=280, val_fraction=0.0)
     assert str(a.resolve()) in str(e.value) and str(b.resolve()) in str(e.value)
     with (a / "books" / "a.txt").open("a") as f:  # the corpus changed after it was prepared
         f.write("One more line that was not there before.\n")
     with pytest.raises(ValueError, match="corpus is"):
-        data.check_prepared(out, a, vocab_size=280, val_fraction=0.0)
+        corpus.check_prepared(out, a, vocab_size=280, val_fraction=0.0)
 
 
 def test_check_prepared_refuses_a_folder_without_a_record_of_its_settings(tiny_dir, tmp_path):
     out = copy_of(tiny_dir, tmp_path)
     edit_meta(out, format="blalm-data-1")  # what data.py wrote before it recorded the resolved source
     with pytest.raises(ValueError, match="older data.py"):
-        data.check_prepared(out, "synthetic", **TINY_PREP)
+        corpus.check_prepared(out, "synthetic", **TINY_PREP)
 
 
 # -----------------------------------------------------------------------------
@@ -2384,7 +2388,7 @@ def test_token_id_out_of_range_is_refused_when_the_bin_is_opened(tiny_dir, tmp_p
 
 
 def test_words_per_token_is_the_meta_ratio_and_refuses_an_empty_split(tmp_path):
-    meta = data.prepare(small_corpus(tmp_path / "corpus"), tmp_path / "out", vocab_size=280, val_fraction=0.0,
+    meta = corpus.prepare(small_corpus(tmp_path / "corpus"), tmp_path / "out", vocab_size=280, val_fraction=0.0,
                         verbose=False)
     info = meta["splits"]["train"]
     ids = data.open_bin(tmp_path / "out", "train")
@@ -2411,7 +2415,7 @@ def test_stray_temps_of_dead_processes_are_removed_and_those_of_live_ones_kept(t
             tmp_path / ".out.tmp-abcd1234"]                       # an older name without a pid
     for k in kept:
         k.mkdir()
-    data.prepare("synthetic", tmp_path / "out", verbose=False, **TINY_PREP)
+    corpus.prepare("synthetic", tmp_path / "out", verbose=False, **TINY_PREP)
     assert not stray_dir.exists() and not stray_file.exists()
     assert all(k.exists() for k in kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [k.name for k in kept])
@@ -2441,7 +2445,7 @@ def test_a_killed_prepare_leaves_a_temp_folder_that_the_next_prepare_removes(tmp
         p.wait()
     left = list(parent.glob(".big.tmp-*"))
     assert len(left) == 1 and not (parent / "big").exists()
-    data.prepare("synthetic", parent / "small", verbose=False, **TINY_PREP)
+    corpus.prepare("synthetic", parent / "small", verbose=False, **TINY_PREP)
     assert sorted(x.name for x in parent.iterdir()) == ["small"]
 
 
@@ -2467,22 +2471,22 @@ def test_out_that_is_a_file_or_under_a_file_fails_before_any_work(tmp_path):
 
 def test_budget_not_reached_is_printed_on_the_terminal(tmp_path, capsys):
     src = small_corpus(tmp_path / "corpus", words=3000)
-    data.prepare(src, tmp_path / "out", budget_words=20_000, vocab_size=280, val_fraction=0.0)
+    corpus.prepare(src, tmp_path / "out", budget_words=20_000, vocab_size=280, val_fraction=0.0)
     meta = data.load_meta(tmp_path / "out")
     used = meta["splits"]["train"]["words"]
     line = [l for l in capsys.readouterr().out.splitlines() if "budget not reached" in l]
     assert line == [f"note: budget not reached: {used} of 20000 training words ({100 * used / 20000:.1f}%); "
                     f"the sources give only {used} training words after curation"]
     assert line[0][len("note: "):] in (tmp_path / "out" / "report.md").read_text()
-    data.prepare(src, tmp_path / "out2", budget_words=1000, vocab_size=280, val_fraction=0.0, doc_words=10)
+    corpus.prepare(src, tmp_path / "out2", budget_words=1000, vocab_size=280, val_fraction=0.0, doc_words=10)
     assert "budget not reached" not in capsys.readouterr().out
-    data.prepare(src, tmp_path / "out3", budget_words=1000, vocab_size=280, val_fraction=0.0, doc_words=300)
+    corpus.prepare(src, tmp_path / "out3", budget_words=1000, vocab_size=280, val_fraction=0.0, doc_words=300)
     assert "(up to doc_words=300 words) leave the rest unfilled" in capsys.readouterr().out  # the corpus had enough
 
 
 def test_bpe_progress_lines_count_up_to_the_total_that_the_last_line_reports():
     lines = []
-    data.train_bpe(synthetic.synthetic_corpus(3000, seed=1), 400, log=lines.append, log_every=50)
+    corpus.train_bpe(synthetic.synthetic_corpus(3000, seed=1), 400, log=lines.append, log_every=50)
     progress = [l for l in lines if "/400 tokens" in l]
     tokens = [int(l.split("bpe: ")[1].split("/")[0]) for l in progress]
     seconds = [float(l.split(", ")[-1].removesuffix(" s")) for l in progress]
@@ -2515,8 +2519,8 @@ def test_prepare_py_writes_into_data_prepared_by_default(tmp_path, monkeypatch):
     src = small_corpus(tmp_path / "corpus")
     monkeypatch.chdir(tmp_path)
     prepare.main([f"--source={src}", "--vocab_size=280", "--val_fraction=0"])
-    assert data.check_prepared(tmp_path / "data_prepared" / "corpus", src, vocab_size=280, val_fraction=0.0)
-    assert data.default_out_dir("synthetic") == Path("data_prepared/synthetic")
+    assert corpus.check_prepared(tmp_path / "data_prepared" / "corpus", src, vocab_size=280, val_fraction=0.0)
+    assert corpus.default_out_dir("synthetic") == Path("data_prepared/synthetic")
 
 
 def test_synthetic_module_stands_alone_and_data_reexports_what_eval_imports():
@@ -2537,7 +2541,7 @@ TINY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--ba
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    data.prepare("synthetic", out, budget_words=30_000, vocab_size=300, synthetic_words=40_000,
+    corpus.prepare("synthetic", out, budget_words=30_000, vocab_size=300, synthetic_words=40_000,
                  pairs_per_phenomenon=20, verbose=False)
     return str(out)
 
@@ -2718,7 +2722,7 @@ def test_a_failed_checkpoint_write_names_the_file_and_the_likely_cause(tmp_path,
 
 
 def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_line(tmp_path):
-    enc = data.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
+    enc = corpus.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     model = BLaLM(BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
     path = tmp_path / "ckpt.pt"
     common.save_checkpoint({"model": model.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
@@ -2731,7 +2735,7 @@ def test_a_checkpoint_trained_with_the_triton_kernel_loads_on_the_cpu_with_the_s
     cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, chunk_size=16)
     torch.manual_seed(0)
     reference = BLaLM(BLaLMConfig(**cfg)).eval()           # the default kernel, on the CPU
-    enc = data.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
+    enc = corpus.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     path = tmp_path / "ckpt.pt"
     common.save_checkpoint({"model": reference.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
                             "config": BLaLMConfig(**cfg, mlstm_kernel="triton").to_dict()}, str(path))
@@ -3481,12 +3485,12 @@ ODD_STRINGS = ["  two leading spaces", "tabs\tand\n\nnewlines\r\n end  ", "digit
 
 
 def synthetic_text():
-    return data.synthetic_corpus(3000, seed=3) + ODD_STRINGS
+    return synthetic.synthetic_corpus(3000, seed=3) + ODD_STRINGS
 
 
 @pytest.fixture(scope="module")
 def enc():
-    return data.train_bpe(synthetic_text(), 400)
+    return corpus.train_bpe(synthetic_text(), 400)
 
 
 def tiny_checkpoint(enc, mixer, path, seed=0):
@@ -3788,7 +3792,7 @@ def test_hf_tokenizer_matches_tiktoken_odd_strings(exported, enc):
 def test_hf_tokenizer_matches_tiktoken_on_corpus(tmp_path):
     transformers = transformers_or_skip()
     texts = sample_text()
-    real = data.train_bpe(texts[::2], 1024)  # trained on half, tested on all
+    real = corpus.train_bpe(texts[::2], 1024)  # trained on half, tested on all
     tiny_checkpoint(real, "mlstm", tmp_path / "ckpt.pt")
     export.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={tmp_path / 'blalm_real'}"])
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "blalm_real", local_files_only=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, asdict, fields
 
 import torch
 
+import corpus
 import data
 import eval as evaluate
 from blalm import BLaLM, BLaLMConfig
@@ -208,12 +209,12 @@ def resolve_data(c):
             raise FileNotFoundError(f"--data={c.data} does not exist (expected a prepared dir with meta.json "
                                     "or a corpus folder to prepare)")
         source = c.data
-        target = c.prepared_dir or data.default_out_dir(c.data)
+        target = c.prepared_dir or corpus.default_out_dir(c.data)
     settings = dict(budget_words=c.budget_words or None, vocab_size=c.vocab_size or None, curriculum=c.curriculum)
-    if data.check_prepared(target, source, **settings):
+    if corpus.check_prepared(target, source, **settings):
         return target
     print(f"preparing {source} into {target} (vocab {c.vocab_size or 'default'}, budget {c.budget_words or 'all'} words)")
-    data.prepare(source, target, **settings)
+    corpus.prepare(source, target, **settings)
     return target
 
 
