@@ -14,5 +14,5 @@ if [ "${SMOKE:-1}" = 1 ]; then
 fi
 timeout "${BUDGET:-500}" bash results/study2/study.sh "$@" 2>&1 | tee "$OUT/study.log"
 wait
-tar czf "$OUT/study.tgz" runs/study2/*.log runs/study2/*.json runs/study2/*/log.jsonl 2>/dev/null
+tar czf "$OUT/study.tgz" runs/study2/*.log runs/study2/*.json runs/study2/*.png runs/study2/*/log.jsonl 2>/dev/null
 ls -la "$OUT"

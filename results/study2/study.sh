@@ -5,10 +5,12 @@
 #
 #   bash results/study2/study.sh NAME [NAME ...]     # the runs of queue.txt with these names
 #   JOBS=3 bash results/study2/study.sh ...          # how many run on the GPU at once (default 3)
+#   EXTRA="--eval_interval=100" bash ...             # flags added to every run (here: checkpoints more often)
 #
 # queue.txt holds one run per line: NAME FLAGS... (flags on top of the strict_small preset). Each run writes
 # runs/study2/NAME/ (git-ignored), NAME.train.log, NAME.eval.json/.log (final checkpoint) and
-# NAME_best.eval.json/.log (lowest validation loss); a run cut off continues from its checkpoint when started
+# NAME_best.eval.json/.log (lowest validation loss), and for a run with --milestones=True NAME.curve.json/.png
+# (BLiMP filtered and the supplement at every milestone, at most CURVE_ITEMS items per UID); a run cut off continues from its checkpoint when started
 # again, and an evaluated run is not repeated.
 set -u
 cd "$(dirname "$0")/../.."
@@ -39,7 +41,7 @@ job() {
   [ -f "$out/ckpt.pt" ] && resume=True
   if ! grep -q "^done" "$out.train.log" 2>/dev/null; then
     echo "$(date +%T) start $name: $flags"
-    $PY train.py $COMMON $flags --out_dir="$out" --resume=$resume >> "$out.train.log" 2>&1 || echo "train $name failed"
+    $PY train.py $COMMON $flags ${EXTRA:-} --out_dir="$out" --resume=$resume >> "$out.train.log" 2>&1 || echo "train $name failed"
     grep -E "^done|^stopped|^error" "$out.train.log" | tail -1
   fi
   evaluate "$out" ckpt.pt ""
@@ -47,6 +49,12 @@ job() {
   if awk '/^eval iter/ { v = $6 + 0; if (!n++ || v < best) best = v; last = v } END { exit !(last > best) }' \
       "$out.train.log"; then
     evaluate "$out" ckpt_best.pt _best
+  fi
+  if [[ " $flags " == *" --milestones=True "* ]] && [ ! -f "$out.curve.json" ]; then
+    $PY eval.py --run="$out" --babylm="$E/babylm_eval" --tasks=blimp_filtered,supplement_filtered \
+      --max_pairs="${CURVE_ITEMS:-400}" --batch_size=256 --json="$out.curve.json" --plot_out="$out.curve.png" \
+      > "$out.curve.log" 2>&1 || echo "curve $name failed"
+    echo "$(date +%T) $name curve: $(tail -1 "$out.curve.log")"
   fi
 }
 
