@@ -2694,6 +2694,33 @@ def test_kill_loop_leaves_loadable_consistent_checkpoints_and_ends_where_an_unin
     assert best["best_val_loss"] == min(evals) == killed["best_val_loss"]
 
 
+def test_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_that_resume_continues(tiny_data, tmp_path):
+    # a scheduler's time limit: SIGTERM mid-run, far from an evaluation; nothing trained so far is lost
+    out = tmp_path / "run"
+    args = TINY_RUN + [f"--data={tiny_data}", "--max_iters=100000", "--eval_interval=50000", "--milestones=False",
+                       "--eval_pairs=none", f"--out_dir={out}"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    def rows_so_far():
+        try:
+            return len(log_rows(out))
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line being written
+            return 0
+    while p.poll() is None and rows_so_far() < 6:        # the initial evaluation and a few steps
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    said, _ = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, said
+    assert "SIGTERM: stopping after this step" in said and "continue with --resume=True" in said
+    ckpt = common.read_checkpoint(str(out / "ckpt.pt"))
+    trained = [r["iter"] for r in log_rows(out) if r["kind"] == "train"]
+    assert ckpt["iter"] == trained[-1] >= 4 and ckpt["iter"] % 50000      # the step it stopped at, not an eval's
+    assert [r["iter"] for r in log_rows(out) if r["kind"] == "eval"] == [0, ckpt["iter"]]
+    train.main(args + ["--resume=True", f"--stop_iter={ckpt['iter'] + 2}"])
+    assert common.read_checkpoint(str(out / "ckpt.pt"))["iter"] == ckpt["iter"] + 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL            # the handler is gone after main
+
+
 def test_checkpoint_is_written_atomically_and_a_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
     common.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, str(path))

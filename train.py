@@ -13,13 +13,17 @@ A run lives in out_dir: ckpt.pt (the latest), ckpt_best.pt (the lowest validatio
 (the BabyLM milestones), log.jsonl, loss.png. A second run into a folder that holds a checkpoint is refused:
 continue it with --resume=True, or start over with another --out_dir or --overwrite=True. On --resume the
 command line's optimizer and schedule settings (rates, weight decay, betas, warmup, schedule, max_iters) apply
-from the resumed step on; the model's shape must match the checkpoint's.
+from the resumed step on; the model's shape must match the checkpoint's. Ctrl-C or SIGTERM (a job scheduler's
+time limit, `timeout`) ends the step in flight, evaluates and writes ckpt.pt, so that --resume=True loses
+nothing; a second one stops at once (without DDP: a multi-GPU run stops at once on the first).
 """
 
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, asdict, fields
 
@@ -413,7 +417,16 @@ def main(argv):
         print(f"stopping: the loss or the weights are not finite ({when}); {where}")
         sys.exit(1)
 
-    # --- the training loop
+    # --- the training loop: SIGINT/SIGTERM ask it to stop at the next step with a checkpoint
+    interrupted = []
+    catch = not ddp and threading.current_thread() is threading.main_thread()  # DDP ranks would have to agree
+    if catch:
+        def ask_to_stop(signum, frame):
+            interrupted.append(signal.Signals(signum).name)
+            print(f"\n{interrupted[0]}: stopping after this step with a checkpoint (again to stop at once)", flush=True)
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, previous[s])
+        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     model.train()
     t0 = t_last = time.time()
     it_last, resumed_at = it, (it if c.resume else None)
@@ -423,66 +436,73 @@ def main(argv):
         if bad_iter.item() >= 0:
             stop_diverged(f"training loss at iter {bad_iter.item()}")
 
-    while True:
-        words = tokens_seen * words_per_token
-        stopping = it == max_iters or (c.stop_iter > 0 and it == c.stop_iter)
-        if master and (it % c.eval_interval == 0 or stopping) and it != resumed_at:
-            check_finite()
-            result = evaluate_now()
-            if not math.isfinite(result["val_loss"]) or not weights_finite():
-                stop_diverged(f"val loss {result['val_loss']} at iter {it}")
-            improved = result["val_loss"] < best_val
-            best_val = min(best_val, result["val_loss"])
-            extra = f", pairs {result['pairs_macro']:.2f}" if "pairs_macro" in result else ""
-            print(f"eval iter {it}: val loss {result['val_loss']:.4f}{extra}, {format_words(words)} words")
-            log({"kind": "eval", "iter": it, "words": words, **result})
-            if improved and c.keep_best:  # written first: ckpt.pt's best_val_loss never names a missing file
-                checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"))
-            checkpoint(ckpt_path)
-            last_good = ckpt_path
-            t_last = time.time()  # evaluation time does not count against tokens/s
-        if stopping:
-            break
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * lr_factor(it, max_iters, **schedule)
-        for micro in range(c.gradient_accumulation_steps):
-            x, y = batches.next_batch(c.device)
-            sync = micro == c.gradient_accumulation_steps - 1
-            if ddp:
-                model.require_backward_grad_sync = sync
-            with autocast:
-                loss = model(x, y)[1] / c.gradient_accumulation_steps
-            loss.backward()
-            bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss.detach()), it + 1, bad_iter)
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        tokens_seen += tokens_per_iter
-        if it % c.log_interval == 0 or it == max_iters:
-            check_finite()
-            lossf = loss.item() * c.gradient_accumulation_steps
-            dt = time.time() - t_last
-            tok_s = (it - it_last) * tokens_per_iter / dt
-            mfu = f"{100 * flops_per_iter * (it - it_last) / dt / peak / world:.1f}%" if peak else "-"
-            eta = (max_iters - it) * dt / max(1, it - it_last)
-            new_words = tokens_seen * words_per_token
-            if master:
-                print(f"iter {it}/{max_iters}: loss {lossf:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
-                      f"{tok_s:,.0f} tok/s, MFU {mfu}, {format_words(new_words)} words, epoch {batches.epoch}, "
-                      f"ETA {eta / 60:.1f} min", flush=True)
-            log({"kind": "train", "iter": it, "words": new_words, "loss": lossf,
-                 "lr": optimizer.param_groups[0]["lr"], "tok_s": tok_s, "epoch": batches.epoch})
-            t_last, it_last = time.time(), it
-        if master and c.milestones:
-            for mark in milestone_words(words, tokens_seen * words_per_token):
+    try:
+        while True:
+            words = tokens_seen * words_per_token
+            stopping = it == max_iters or (c.stop_iter > 0 and it == c.stop_iter) or bool(interrupted)
+            if master and (it % c.eval_interval == 0 or stopping) and it != resumed_at:
                 check_finite()
-                if not weights_finite():
-                    stop_diverged(f"weights at iter {it}")
-                checkpoint(os.path.join(c.out_dir, f"ckpt_{mark // 1_000_000}M_words.pt"))
+                result = evaluate_now()
+                if not math.isfinite(result["val_loss"]) or not weights_finite():
+                    stop_diverged(f"val loss {result['val_loss']} at iter {it}")
+                improved = result["val_loss"] < best_val
+                best_val = min(best_val, result["val_loss"])
+                extra = f", pairs {result['pairs_macro']:.2f}" if "pairs_macro" in result else ""
+                print(f"eval iter {it}: val loss {result['val_loss']:.4f}{extra}, {format_words(words)} words")
+                log({"kind": "eval", "iter": it, "words": words, **result})
+                if improved and c.keep_best:  # written first: ckpt.pt's best_val_loss never names a missing file
+                    checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"))
+                checkpoint(ckpt_path)
+                last_good = ckpt_path
+                t_last = time.time()  # evaluation time does not count against tokens/s
+            if stopping:
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(it, max_iters, **schedule)
+            for micro in range(c.gradient_accumulation_steps):
+                x, y = batches.next_batch(c.device)
+                sync = micro == c.gradient_accumulation_steps - 1
+                if ddp:
+                    model.require_backward_grad_sync = sync
+                with autocast:
+                    loss = model(x, y)[1] / c.gradient_accumulation_steps
+                loss.backward()
+                bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss.detach()), it + 1, bad_iter)
+            if c.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            tokens_seen += tokens_per_iter
+            if it % c.log_interval == 0 or it == max_iters:
+                check_finite()
+                lossf = loss.item() * c.gradient_accumulation_steps
+                dt = time.time() - t_last
+                tok_s = (it - it_last) * tokens_per_iter / dt
+                mfu = f"{100 * flops_per_iter * (it - it_last) / dt / peak / world:.1f}%" if peak else "-"
+                eta = (max_iters - it) * dt / max(1, it - it_last)
+                new_words = tokens_seen * words_per_token
+                if master:
+                    print(f"iter {it}/{max_iters}: loss {lossf:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
+                          f"{tok_s:,.0f} tok/s, MFU {mfu}, {format_words(new_words)} words, epoch {batches.epoch}, "
+                          f"ETA {eta / 60:.1f} min", flush=True)
+                log({"kind": "train", "iter": it, "words": new_words, "loss": lossf,
+                     "lr": optimizer.param_groups[0]["lr"], "tok_s": tok_s, "epoch": batches.epoch})
+                t_last, it_last = time.time(), it
+            if master and c.milestones:
+                for mark in milestone_words(words, tokens_seen * words_per_token):
+                    check_finite()
+                    if not weights_finite():
+                        stop_diverged(f"weights at iter {it}")
+                    checkpoint(os.path.join(c.out_dir, f"ckpt_{mark // 1_000_000}M_words.pt"))
+    finally:  # also when a diverged run exits: the caller's handlers come back
+        if catch:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, previous[s])
     if master and it < max_iters:
         print(f"stopped at iter {it} of {max_iters}; continue with --resume=True (checkpoint {ckpt_path})")
+        if interrupted:
+            sys.exit(128 + getattr(signal, interrupted[0]))  # what a shell reports for a process the signal ended
     elif master:
         print(f"done: {it} iters in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
         print("wrote", plot_runs([c.out_dir], os.path.join(c.out_dir, "loss.png")))
