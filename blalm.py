@@ -293,6 +293,22 @@ def sliding_window_attention_flex(q, k, v, window):
     return flex_attention(q, k, v, block_mask=create_block_mask(visible, None, None, T, T, device=q.device))
 
 
+def ring_attention_step(q, k, v, k_ring, v_ring, pos):
+    """One query per row at position pos (a 0-dim int64 tensor) against keys kept in a ring buffer of S slots:
+    q, k, v (B, NH, 1, D); k_ring, v_ring (B, NH, S, D), updated in place -> y (B, NH, 1, D).
+
+    The new key and value go to slot pos % S; slot s then holds the key of position pos - (pos - s) % S, and
+    has been written once s <= pos. With S = window this is the sliding window (query pos sees keys
+    pos-window+1..pos); with S larger than every position, a plain static KV cache. Slot and mask come from the
+    position tensor: fixed shapes, nothing read back to the host, so a CUDA graph can capture it."""
+    S = k_ring.size(2)
+    slot = (pos % S).view(1)
+    k_ring.index_copy_(2, slot, k.to(k_ring.dtype))
+    v_ring.index_copy_(2, slot, v.to(v_ring.dtype))
+    written = torch.arange(S, device=q.device) <= pos                  # (S,)
+    return F.scaled_dot_product_attention(q, k_ring, v_ring, attn_mask=written[None])
+
+
 def _heads(x, n_head):
     """(B, T, C) -> (B, NH, T, C/NH)."""
     B, T, C = x.shape
@@ -323,6 +339,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif cache.static:  # StaticCache: one token into preallocated keys/values, pos a 0-dim tensor
+            y = ring_attention_step(q, k, v, cache.k, cache.v, pos)
         else:  # key/value cache: grows with the context
             if cache.k is not None:
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
@@ -357,6 +375,19 @@ class HedgehogAttention(CausalSelfAttention):
             y, cache.state = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size,
                                                         state=cache.state, return_state=True)
         return self.c_proj(_merge(y))
+
+
+def causal_conv(u, w, bias):
+    """The short causal depthwise convolution along time, as K shifted multiply-adds in u's dtype:
+    y_t = bias + sum_j w[:, j] u_{t+j}. u (B, K-1+T, C): the inputs, preceded by the K-1 before them (zeros at
+    the start of a sequence); w (C, K) (nn.Conv1d's weight[:, 0, :]); bias (C,) -> y (B, T, C).
+    (conv_triton.short_conv computes the same in one fused pass, forward and backward.)"""
+    K = w.size(-1)
+    T = u.size(1) - (K - 1)
+    w, bias = w.to(u.dtype), bias.to(u.dtype)
+    return bias + sum(u[:, j:j + T] * w[:, j] for j in range(K))
+
+
 
 
 class MLSTMLayer(nn.Module):
@@ -431,17 +462,20 @@ class MLSTMLayer(nn.Module):
         return self.c_proj(y)
 
     def short_conv(self, qkv, cache):
-        """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j}, as K shifted
-        multiply-adds. The cache keeps the last K-1 inputs."""
+        """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j} (causal_conv). The
+        cache keeps the last K-1 inputs. With mlstm_kernel="triton", training on a GPU without a cache, the fused
+        Triton kernel of conv_triton.py computes the same (forward and backward in one pass each)."""
         if not self.K:
             return qkv
+        if self.kernel == "triton" and cache is None and self.training and qkv.is_cuda:
+            from conv_triton import short_conv
+            return short_conv(qkv, self.conv.weight[:, 0, :], self.conv.bias)
         B, T, C3 = qkv.shape
         past = cache.conv if cache is not None and cache.conv is not None else qkv.new_zeros(B, self.K - 1, C3)
         u = torch.cat([past, qkv], dim=1)                                            # (B, K-1+T, 3C)
         if cache is not None:
             cache.conv = u[:, u.size(1) - (self.K - 1):].clone()                     # not a view of all of u
-        w = self.conv.weight[:, 0, :].to(qkv.dtype)                                  # (3C, K)
-        return self.conv.bias.to(qkv.dtype) + sum(u[:, j:j + T] * w[:, j] for j in range(self.K))
+        return causal_conv(u, self.conv.weight[:, 0, :], self.conv.bias)             # weight (3C, K)
 
     def mlstm(self, q, k, v, i, f, cache):
         """The mLSTM in the configured form; with a cache, continued from and written back to cache.mlstm."""
@@ -465,13 +499,17 @@ class MLSTMLayer(nn.Module):
 
     def swa(self, q, k, v, cache, pos):
         """Sliding-window softmax attention on rotary q, k at positions pos.. ; the cache keeps the last
-        window-1 keys and values, so decoding memory does not grow with the context."""
+        window-1 keys and values, so decoding memory does not grow with the context. A static cache (one token
+        at the 0-dim position tensor pos) keeps the last `window` in a ring buffer instead."""
         T = q.size(2)
-        t = torch.arange(pos, pos + T, device=q.device)
+        static = cache is not None and cache.static
+        t = pos.view(1) if static else torch.arange(pos, pos + T, device=q.device)
         qr, kr = rotary(q, t), rotary(k, t)
         if cache is None:  # flex_attention: compiled training on a GPU, where the length is static
             flex = self.training and q.is_cuda and torch.compiler.is_compiling()
             return (sliding_window_attention_flex if flex else sliding_window_attention)(qr, kr, v, self.window)
+        if static:
+            return ring_attention_step(qr, kr, v, cache.k, cache.v, pos)
         if cache.k is not None:
             kr, v = torch.cat([cache.k, kr], 2), torch.cat([cache.v, v], 2)
         S = kr.size(2)
@@ -502,10 +540,12 @@ class LayerCache:
     """One block's decoding state; a field is None until the layer writes it. mlstm: the mLSTM state
     (C, n, m); conv: the short convolution's last K-1 inputs (B, K-1, 3C); k, v: the SWA branch's last
     window-1 rotary keys and values (B, NH, <window, D), or for "attn" all keys and values so far; state: the
-    Hedgehog layer's linear-attention state (S, z)."""
+    Hedgehog layer's linear-attention state (S, z). static: a StaticCache's layer, whose k, v are ring buffers
+    that the layers update in place at a position given as a tensor (ring_attention_step)."""
     FIELDS = ("mlstm", "conv", "k", "v", "state")
 
-    def __init__(self):
+    def __init__(self, static=False):
+        self.static = static
         for name in self.FIELDS:
             setattr(self, name, None)
 
@@ -534,6 +574,99 @@ class DecodeCache:
         return sum(t.numel() * t.element_size() for _, _, t in self.tensors())
 
 
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+class StaticCache:
+    """A DecodeCache's state in tensors allocated once and updated in place, so that a decode step
+    (BLaLM.decode_step) has fixed shapes and memory addresses and can be captured as a CUDA graph: the mLSTM
+    state (C, n, m) in float32, the conv tail (B, K-1, 3C), the Hedgehog state (S, z), and keys/values in ring
+    buffers (B, NH, S, D) -- S = window for the SWA branch (the last `window` rotary keys), S = max_len for
+    "attn" (a static KV cache; max_len positions at most). pos: the position of the next token, a 0-dim int64
+    tensor on the device, the same for every row (prompts are left-aligned and advance together).
+
+    Built from a DecodeCache that has read the prompts (forward, in the chunkwise form): its fixed-size states
+    are copied, its keys and values written to the slots of their positions."""
+
+    def __init__(self, model, cache, max_len):
+        if cache.pos < 1 or max_len < cache.pos:
+            raise ValueError(f"StaticCache needs a cache that has read 1..max_len={max_len} tokens, "
+                             f"got one that has read {cache.pos}")
+        device = model.lm_head.weight.device
+        slots = model.config.swa_window if model.config.mixer == "mlstm" else max_len
+        self.max_len = max_len
+        self.pos = torch.tensor(cache.pos, device=device)
+        self.layers = []
+        for eager in cache.layers:
+            layer = LayerCache(static=True)
+            for name in ("mlstm", "conv", "state"):
+                value = getattr(eager, name)
+                if value is not None:
+                    setattr(layer, name, tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone())
+            if eager.k is not None:  # the keys of positions pos-n..pos-1 go to their slots
+                B, NH, n, D = eager.k.shape
+                slot = torch.arange(cache.pos - n, cache.pos, device=device) % slots
+                layer.k = eager.k.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.k)
+                layer.v = eager.v.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.v)
+            self.layers.append(layer)
+        self.own = [{name: getattr(layer, name) for name in LayerCache.FIELDS if getattr(layer, name) is not None}
+                    for layer in self.layers]
+
+    def write_back(self):
+        """Copy the states the layers wrote as new tensors (mLSTM, conv, Hedgehog: their decoding code is the
+        eager path's, which replaces a field) into this cache's own tensors, and point the fields back at them:
+        the next step, or the next replay of a captured graph, reads the same memory."""
+        for layer, own in zip(self.layers, self.own):
+            for name, mine in own.items():
+                for a, b in zip(_as_tuple(mine), _as_tuple(getattr(layer, name))):
+                    if a is not b:
+                        a.copy_(b)
+                setattr(layer, name, mine)
+
+    def tensors(self):
+        """(layer index, field, tensor) for every tensor the cache holds."""
+        return [(l, name, t) for l, layer in enumerate(self.layers) for name, t in layer.tensors()]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for _, _, t in self.tensors())
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits (B, V) -> token ids (B,): the argmax for temperature 0, else a draw from softmax(logits / temperature)
+    over the top_k largest logits (all for None or top_k >= V).
+
+    The draw is argmax_j p_j / E_j with E_j ~ Exp(1) independent: the exponential race, which token j wins with
+    probability p_j. torch.multinomial computes the same for one sample but first checks the probabilities on
+    the host (a device sync); written out, sampling runs inside a CUDA graph (CUDA's exponential never gives 0;
+    on the CPU the chance is about 2^-53 per draw, as for torch.multinomial)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.to(acc_dtype(logits.dtype)) / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    p = F.softmax(logits, dim=-1)
+    return (p / torch.empty_like(p).exponential_()).argmax(dim=-1)
+
+
+def cuda_graph(step, warmup=2):
+    """Run step() `warmup` times on a side stream (first calls pick kernels and allocate workspaces, which a
+    capture must not see), then capture one call as a CUDA graph -> its replay: the same kernels on the same
+    memory in one launch, inputs read from where they lie when replayed. The warm-up calls are real calls (a
+    decode step decodes a token; its position tensor advances), capturing runs nothing."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 # -----------------------------------------------------------------------------
 # 3. The model
 
@@ -541,6 +674,8 @@ MIXERS = ("mlstm", "attn", "hedgehog")
 FEATURE_MAPS = ("none", "hedgehog")
 MLSTM_FORMS = ("chunkwise", "parallel", "recurrent")
 MLSTM_KERNELS = ("torch", "triton")
+GRAPH_WARMUP = 2         # eager decode steps before the CUDA graph is captured (cuda_graph)
+EOT_CHECK_EVERY = 64     # generate(eot=...) reads "has every row ended?" back from the device this often
 
 
 @dataclass
@@ -555,7 +690,8 @@ class BLaLMConfig:
     mixer: str = "mlstm"            # "mlstm" (BLaLM) | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
     mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
     chunk_size: int = 64            # chunk length of the chunkwise forms
-    mlstm_kernel: str = "torch"     # chunkwise intra-chunk part: "torch" | "triton" (optional fused kernel, CUDA only)
+    mlstm_kernel: str = "torch"     # "torch" | "triton": fused Triton kernels for the chunkwise intra-chunk part and the
+                                    # short convolution in training (optional, CUDA only)
     short_conv: int = 4             # causal depthwise conv kernel on q, k, v (0 = off)
     swa_window: int = 64            # sliding-window attention branch beside the mLSTM (0 = off)
     modulation: bool = True         # dynamic modulation of the SWA branch (else averaged with the mLSTM)
@@ -615,6 +751,7 @@ class BLaLM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
         self._compiled_blocks = None  # set by compile_blocks (a plain list: not submodules, not in the state dict)
+        self._decode_blocks = None    # set by compile_decode, likewise
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -640,9 +777,10 @@ class BLaLM(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}, "
                              f"the learned positions of mixer={self.config.mixer!r}")
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx (B, T) token ids in [0, vocab_size) -> logits (B, T, vocab); loss when targets (B, T) are given
         (-1 = ignore). With a cache (from new_cache) the tokens continue the sequence the cache has seen.
+        last_only (without targets): the logits of the last position only, (B, 1, vocab), what decoding needs.
         Token ids are checked where data enters (bins, prompts, evaluation sentences), not here: a check of
         the values would synchronise the device on every call."""
         if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2 or idx.size(1) == 0:
@@ -661,7 +799,7 @@ class BLaLM(nn.Module):
         if cache is not None:
             cache.pos = pos + T
         if targets is None:
-            return self.lm_head(self.transformer.ln_f(x)), None
+            return self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x)), None
         return (self._compiled_loss if compiled else self.logits_and_loss)(x, targets)
 
     def logits_and_loss(self, x, targets):
@@ -673,26 +811,100 @@ class BLaLM(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Read the prompt once, then decode one token at a time from the recurrent state
-        (temperature 0 = greedy). For "mlstm" models the state has a fixed size: memory per token
-        does not grow with the context."""
+    def decode_step(self, idx, cache):
+        """One token per row through a StaticCache, every shape fixed and nothing read back to the host (what a
+        CUDA graph captures): idx (B, 1) token ids at position cache.pos -> logits (B, vocab), float32 at least. The
+        cache is updated in place and cache.pos advanced. Trusts its caller to stay below the cache's max_len
+        (and block_size for learned positions): generate checks once, before decoding."""
+        pos = cache.pos
+        x = self.transformer.wte(idx)
+        if self.learned_pos:
+            x = x + self.transformer.wpe(pos.view(1))
+        for block, layer in zip(self._decode_blocks or self.transformer.h, cache.layers):
+            x = block(x, layer, pos)
+        cache.write_back()
+        pos.add_(1)
+        logits = self.lm_head(self.transformer.ln_f(x))[:, -1]
+        return logits.to(acc_dtype(logits.dtype))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, eot=None, graph=None):
+        """Continue prompts by sampling (temperature 0 = greedy; top_k: sample among the k most likely tokens).
+
+        idx (B, T): left-aligned prompts, row b's prompt idx[b, :lengths[b]] (lengths: B ints in [1, T]; None = all
+        of each row; what follows a prompt is never read) -> (B, max(lengths) + max_new_tokens): each row its
+        prompt, then its samples up to the common end, so a row with a shorter prompt gets max(lengths) -
+        lengths[b] more than max_new_tokens. eot (a token id, optional): a row that has sampled it continues with
+        eot alone (and decoding ends early once every row has, checked every EOT_CHECK_EVERY tokens).
+
+        The common prefix min(lengths) is read by forward (the chunkwise form) into a DecodeCache, whose state
+        StaticCache copies into preallocated tensors. Then one step per position, all rows at once: sample from
+        the logits, for a row still inside its prompt take the prompt's token instead (so every row is exact),
+        feed it through decode_step. Sampling runs on the device: no host sync per token. graph (None = on CUDA):
+        capture that step, sampling included, as one CUDA graph and replay it; False runs it eagerly (the CPU's
+        way); model.compile_decode() beforehand fuses the step's kernels. For "mlstm" the decoding state has a
+        fixed size whatever the context; for "attn" it is a KV cache of max(lengths) + max_new_tokens."""
+        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be a (B, T >= 1) tensor of int64/int32 token ids, got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+        B, T = idx.shape
+        V = self.config.vocab_size
+        lengths = [T] * B if lengths is None else torch.as_tensor(lengths).tolist()
+        if not isinstance(lengths, list) or len(lengths) != B or not all(isinstance(n, int) for n in lengths):
+            raise ValueError(f"lengths must be {B} ints, one per prompt, got {lengths!r}")
+        for b, n in enumerate(lengths):
+            if not 1 <= n <= T:
+                raise ValueError(f"prompt {b} has length {n}, expected 1..{T} (an empty prompt: give the "
+                                 f"end-of-text token)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be >= 1 (None = all tokens)")
+        if eot is not None and not 0 <= eot < V:
+            raise ValueError(f"eot={eot} is not a token id of this vocabulary (0..{V - 1})")
+        graph = idx.is_cuda if graph is None else graph
+        if graph and not idx.is_cuda:
+            raise ValueError(f"graph=True captures a CUDA graph: it needs CUDA tensors, got idx on {idx.device}")
+        end = max(lengths) + max_new_tokens
+        self.check_length(end)
+        L = torch.tensor(lengths, device=idx.device)                               # (B,)
+        prompt_ids = idx[torch.arange(T, device=idx.device) < L[:, None]]
+        if ((prompt_ids < 0) | (prompt_ids >= V)).any():                          # one sync, before decoding
+            bad = prompt_ids[(prompt_ids < 0) | (prompt_ids >= V)][0].item()
+            raise ValueError(f"prompt token id {bad} is not in [0, vocab_size={V})")
+
+        P = min(lengths)
         cache = self.new_cache()
-        logits, _ = self(idx, cache=cache)
-        for n in range(max_new_tokens):
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, idx_next], dim=1)
-            if n + 1 < max_new_tokens:
-                logits, _ = self(idx_next, cache=cache)
-        return idx
+        logits = self(idx[:, :P], cache=cache, last_only=True)[0][:, -1]         # (B, V): for position P
+        logits = logits.to(acc_dtype(logits.dtype))
+        cache = StaticCache(self, cache, end)
+        out = torch.zeros(B, end, dtype=idx.dtype, device=idx.device)             # the prompts, then the samples
+        out[:, :min(T, end)] = idx[:, :end]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)                # rows that have sampled eot
+
+        def step():
+            """Choose every row's token at position cache.pos, write it to out and feed it to the model."""
+            pos = cache.pos
+            tok = sample_next(logits, temperature, top_k).to(out.dtype)
+            tok = torch.where(pos < L, out.index_select(1, pos.view(1))[:, 0], tok)   # inside its prompt: the prompt's
+            if eot is not None:
+                tok = tok.masked_fill(done, eot)
+                done.logical_or_((tok == eot) & (pos >= L))
+            out.index_copy_(1, pos.view(1), tok[:, None])
+            logits.copy_(self.decode_step(tok[:, None], cache))   # the last step's logits are not used
+
+        n_steps, n, run = end - P, 0, step
+        if graph and n_steps > GRAPH_WARMUP:
+            run, n = cuda_graph(step, GRAPH_WARMUP), GRAPH_WARMUP
+        while n < n_steps:
+            run()
+            n += 1
+            if eot is not None and n % EOT_CHECK_EVERY == 0 and n < n_steps and bool(done.all()):
+                out[:, P + n:] = eot
+                break
+        return out
 
     def compile_blocks(self, **kwargs):
         """torch.compile each residual block for training ("regional compilation"): the blocks have the same
@@ -705,6 +917,15 @@ class BLaLM(nn.Module):
         kwargs.setdefault("dynamic", False)
         self._compiled_blocks = [torch.compile(block, **kwargs) for block in self.transformer.h]
         self._compiled_loss = torch.compile(self.logits_and_loss, **kwargs)
+        return self
+
+    def compile_decode(self, **kwargs):
+        """torch.compile each residual block for decode_step (one token through a StaticCache), regionally as
+        compile_blocks does: inductor fuses the step's small kernels (about a hundred a layer, eagerly) into a
+        few, which a CUDA graph then replays. Compiles at the first step of each batch size (and, for "attn",
+        each static cache length). Undo with model._decode_blocks = None."""
+        kwargs.setdefault("dynamic", False)
+        self._decode_blocks = [torch.compile(block, **kwargs) for block in self.transformer.h]
         return self
 
     def num_params(self, non_embedding=True):

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Issue 18, one device call of about 5 minutes on one GPU, in order of what the issue's targets need first:
+#   1. the Triton tests on CUDA (mlstm_triton.py, conv_triton.py, the fused convolution in a training layer)
+#   2. the kernels suite: this project's chunkwise mLSTM (compiled; PyTorch and Triton step (c)) against SDPA and
+#      NX-AI's TFLA kernel (mlstm_kernels, in a process of its own); the short convolution, PyTorch vs fused
+#   3. the training step at T=512: BLaLM (with the fused convolution) against the softmax baseline
+#   4. flash-linear-attention's chunk_simple_gla beside SDPA (last: it autotunes ~100 kernel configurations on its
+#      first call, minutes on a fresh machine; it gets whatever time is left)
+# The peers' wheels come from .whl/ (pure Python; the image has torch, triton and einops). Every part runs under
+# a time limit cut from one budget, so a failure or a hang costs only its own part.
+#
+#   bash results/kernels/gpu.sh          (device run, carry [".whl"]; BUDGET=seconds, default 285;
+#                                         TRAIN_LENGTHS=512,2048 TRAIN_ONLY='*' for the whole train suite)
+#
+# $OUT gets summary.txt (versions, each part's command, exit status and seconds), and NAME.log + NAME.json for
+# NAME = kernels, train, fla, and tests.log: 8 files.
+set -u
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-results/kernels/out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+START=$(date +%s)
+BUDGET=${BUDGET:-285}
+SUMMARY="$OUT/summary.txt"
+
+left() { echo $(( START + BUDGET - $(date +%s) )); }
+
+# part NAME CAP MIN CMD...: CMD under a limit of min(CAP, what is left of the budget) seconds, not run at all when
+# less than MIN seconds are left; its output in $OUT/NAME.log
+part() {
+  local name=$1 cap=$2 min=$3 t s rc
+  shift 3
+  t=$(left)
+  [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt "$min" ]; then
+    echo "== $name: not run, ${t} s of the budget left (it needs ${min})" | tee -a "$SUMMARY"
+    return
+  fi
+  echo "== $name (limit ${t} s): $*" | tee -a "$SUMMARY"
+  s=$(date +%s)
+  timeout -k 10 "$t" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - s )) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$SUMMARY"
+  tail -n 25 "$OUT/$name.log"
+}
+
+{
+  date -u
+  git log -1 --format='commit %H %s' 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+                                          'triton', triton.__version__)"
+} >> "$SUMMARY" 2>&1
+
+if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$SUMMARY" 2>&1; then
+  export PYTHONPATH=/tmp/site
+  $PY -c "import importlib.metadata as m; print('peers:', *(p + ' ' + m.version(p) for p in ('mlstm_kernels', 'fla-core')))" \
+    >> "$SUMMARY" 2>&1
+else
+  echo "the peers' wheels did not install: their rows will say 'not installed'" >> "$SUMMARY"
+fi
+
+# 1. the kernel tests on CUDA; the one that reruns them under the Triton interpreter is CPU work, done wherever the
+#    suite runs
+part tests 100 20 $PY -m pytest -q -rs -p no:cacheprovider -k "triton and not interpreter" test_all.py
+
+# 2. SDPA, ours compiled, NX-AI's TFLA, the short convolution (about two minutes: every length compiled afresh)
+part kernels 200 30 $PY bench.py --suite=kernels --json="$OUT/kernels.json" --peer_timeout=100 \
+  --only="sdpa causal,mlstm chunkwise compiled,mlstm chunkwise triton compiled,nx-ai*,short conv*"
+
+# 3. the training step, BLaLM and softmax, each compiled afresh (about a minute at T=512)
+part train 200 70 $PY bench.py --suite=train --train_lengths="${TRAIN_LENGTHS:-512}" \
+  --only="${TRAIN_ONLY:-blalm,blalm triton,softmax}" --json="$OUT/train.json"
+
+# 4. fla's chunk_simple_gla beside SDPA, with the rest of the budget
+T_FLA=$(( $(left) - 25 ))
+part fla 600 40 $PY bench.py --suite=kernels --json="$OUT/fla.json" --peer_timeout="$(( T_FLA > 20 ? T_FLA : 20 ))" \
+  --only="sdpa causal,fla*"
+
+echo "== done after $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
+ls -la "$OUT"
