@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from common import device_peak_flops, parse_args, pick_device, run_cli, write_json
-from hedgehog import HedgehogFeatureMap, linear_attention_chunkwise
+from hedgehog import HedgehogFeatureMap, causal_mask, linear_attention_chunkwise
 from muon import configure_optimizers
-from blalm import (BLaLM, BLaLMConfig, causal_conv, cuda_graph, mlstm_chunkwise, mlstm_parallel, sample_next,
-                   sliding_window_attention, sliding_window_attention_flex, StaticCache)
+from blalm import (BLaLM, BLaLMConfig, causal_conv, mlstm_chunkwise, mlstm_parallel, sliding_window_attention,
+                   sliding_window_attention_flex)
+from decode import StaticCache, cuda_graph, sample_next
 
 
 @dataclass
@@ -222,8 +223,7 @@ def gated_linear_attention_float64(q, k, v, i, f):
     q, k, v, f = (x.double() for x in (q, k, v, f))
     G = torch.cumsum(F.logsigmoid(f), dim=1).transpose(1, 2)                        # (B, NH, T)
     T = q.size(1)
-    decay = torch.exp(G[..., :, None] - G[..., None, :]).masked_fill(
-        ~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), 0.0)         # (B, NH, T, T)
+    decay = torch.exp(G[..., :, None] - G[..., None, :]).masked_fill(~causal_mask(T, q.device), 0.0)  # (B, NH, T, T)
     S = torch.einsum("bthd,bshd->bhts", q, k) / q.size(-1) ** 0.5
     return torch.einsum("bhts,bshd->bthd", S * decay, v)
 
@@ -348,15 +348,13 @@ def bench_short_conv(c, device, gpu):
         if not selected(c, name):
             continue
         step = lambda: torch.autograd.backward(fn(x, w, b), dy)
+        mixer = f"{name} (3C={C3}, K={K})"
         try:
-            ms, peak, first = timed(step, c.repeat, device)
-            rows.append(dict(T=T, B=B, mixer=f"{name} (3C={C3}, K={K})", ms=ms, vs_torch_conv=None, peak_mib=peak,
-                             first_s=first, note=None))
+            rows.append(kernel_row(T, B, mixer, *timed(step, c.repeat, device), vs_torch_conv=None))
         except Exception as e:
             if "triton" not in name:
                 raise
-            rows.append(dict(T=T, B=B, mixer=f"{name} (3C={C3}, K={K})", ms=None, vs_torch_conv=None, peak_mib=None,
-                             first_s=None, note=failure_note(e)))
+            rows.append(kernel_row(T, B, mixer, note=failure_note(e), vs_torch_conv=None))
         for t in (x, w, b):
             t.grad = None
     base = next((r["ms"] for r in rows if r["mixer"].startswith("short conv torch " + ("compiled" if gpu else "eager"))

@@ -7,6 +7,7 @@ feature maps), and the softmax GPT-2 baseline it is compared against. Read top t
 2. layers: norms, the MLP, rotary positions, the mixers (softmax attention, mLSTM (+ conv, + SWA),
    Hedgehog linear attention), the residual block
 3. BLaLMConfig and BLaLM: forward, generation from recurrent state, GPT-2 weight loading, FLOPs.
+   (The decoding caches, sampling and CUDA-graph capture that generation uses are in decode.py.)
 
 References: Beck et al., "xLSTM: Extended Long Short-Term Memory" (2024) for the mLSTM; Haller, Golde,
 Akbik, "Sample-Efficient Language Modeling with Linear Attention and Lightweight Enhancements" (BabyLM
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decode import DecodeCache, StaticCache, cuda_graph, ring_attention_step, sample_next
 from hedgehog import HedgehogFeatureMap, acc_dtype, causal_mask, linear_attention_chunkwise, linear_attention_step
 
 # -----------------------------------------------------------------------------
@@ -293,22 +295,6 @@ def sliding_window_attention_flex(q, k, v, window):
     return flex_attention(q, k, v, block_mask=create_block_mask(visible, None, None, T, T, device=q.device))
 
 
-def ring_attention_step(q, k, v, k_ring, v_ring, pos):
-    """One query per row at position pos (a 0-dim int64 tensor) against keys kept in a ring buffer of S slots:
-    q, k, v (B, NH, 1, D); k_ring, v_ring (B, NH, S, D), updated in place -> y (B, NH, 1, D).
-
-    The new key and value go to slot pos % S; slot s then holds the key of position pos - (pos - s) % S, and
-    has been written once s <= pos. With S = window this is the sliding window (query pos sees keys
-    pos-window+1..pos); with S larger than every position, a plain static KV cache. Slot and mask come from the
-    position tensor: fixed shapes, nothing read back to the host, so a CUDA graph can capture it."""
-    S = k_ring.size(2)
-    slot = (pos % S).view(1)
-    k_ring.index_copy_(2, slot, k.to(k_ring.dtype))
-    v_ring.index_copy_(2, slot, v.to(v_ring.dtype))
-    written = torch.arange(S, device=q.device) <= pos                  # (S,)
-    return F.scaled_dot_product_attention(q, k_ring, v_ring, attn_mask=written[None])
-
-
 def _heads(x, n_head):
     """(B, T, C) -> (B, NH, T, C/NH)."""
     B, T, C = x.shape
@@ -386,8 +372,6 @@ def causal_conv(u, w, bias):
     T = u.size(1) - (K - 1)
     w, bias = w.to(u.dtype), bias.to(u.dtype)
     return bias + sum(u[:, j:j + T] * w[:, j] for j in range(K))
-
-
 
 
 class MLSTMLayer(nn.Module):
@@ -536,137 +520,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LayerCache:
-    """One block's decoding state; a field is None until the layer writes it. mlstm: the mLSTM state
-    (C, n, m); conv: the short convolution's last K-1 inputs (B, K-1, 3C); k, v: the SWA branch's last
-    window-1 rotary keys and values (B, NH, <window, D), or for "attn" all keys and values so far; state: the
-    Hedgehog layer's linear-attention state (S, z). static: a StaticCache's layer, whose k, v are ring buffers
-    that the layers update in place at a position given as a tensor (ring_attention_step)."""
-    FIELDS = ("mlstm", "conv", "k", "v", "state")
-
-    def __init__(self, static=False):
-        self.static = static
-        for name in self.FIELDS:
-            setattr(self, name, None)
-
-    def tensors(self):
-        """(field, tensor) for every tensor held (a state tuple gives several)."""
-        for name in self.FIELDS:
-            value = getattr(self, name)
-            for t in value if isinstance(value, tuple) else (value,):
-                if t is not None:
-                    yield name, t
-
-
-class DecodeCache:
-    """The decoding state of a whole model (nanochat's KVCache, for a recurrent model): one LayerCache per
-    block and one position, the number of tokens seen. BLaLM.forward(idx, cache=cache) reads and advances it."""
-
-    def __init__(self, n_layer):
-        self.pos = 0
-        self.layers = [LayerCache() for _ in range(n_layer)]
-
-    def tensors(self):
-        """(layer index, field, tensor) for every tensor the cache holds."""
-        return [(l, name, t) for l, layer in enumerate(self.layers) for name, t in layer.tensors()]
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for _, _, t in self.tensors())
-
-
-def _as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
-class StaticCache:
-    """A DecodeCache's state in tensors allocated once and updated in place, so that a decode step
-    (BLaLM.decode_step) has fixed shapes and memory addresses and can be captured as a CUDA graph: the mLSTM
-    state (C, n, m) in float32, the conv tail (B, K-1, 3C), the Hedgehog state (S, z), and keys/values in ring
-    buffers (B, NH, S, D) -- S = window for the SWA branch (the last `window` rotary keys), S = max_len for
-    "attn" (a static KV cache; max_len positions at most). pos: the position of the next token, a 0-dim int64
-    tensor on the device, the same for every row (prompts are left-aligned and advance together).
-
-    Built from a DecodeCache that has read the prompts (forward, in the chunkwise form): its fixed-size states
-    are copied, its keys and values written to the slots of their positions."""
-
-    def __init__(self, model, cache, max_len):
-        if cache.pos < 1 or max_len < cache.pos:
-            raise ValueError(f"StaticCache needs a cache that has read 1..max_len={max_len} tokens, "
-                             f"got one that has read {cache.pos}")
-        device = model.lm_head.weight.device
-        slots = model.config.swa_window if model.config.mixer == "mlstm" else max_len
-        self.max_len = max_len
-        self.pos = torch.tensor(cache.pos, device=device)
-        self.layers = []
-        for eager in cache.layers:
-            layer = LayerCache(static=True)
-            for name in ("mlstm", "conv", "state"):
-                value = getattr(eager, name)
-                if value is not None:
-                    setattr(layer, name, tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone())
-            if eager.k is not None:  # the keys of positions pos-n..pos-1 go to their slots
-                B, NH, n, D = eager.k.shape
-                slot = torch.arange(cache.pos - n, cache.pos, device=device) % slots
-                layer.k = eager.k.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.k)
-                layer.v = eager.v.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.v)
-            self.layers.append(layer)
-        self.own = [{name: getattr(layer, name) for name in LayerCache.FIELDS if getattr(layer, name) is not None}
-                    for layer in self.layers]
-
-    def write_back(self):
-        """Copy the states the layers wrote as new tensors (mLSTM, conv, Hedgehog: their decoding code is the
-        eager path's, which replaces a field) into this cache's own tensors, and point the fields back at them:
-        the next step, or the next replay of a captured graph, reads the same memory."""
-        for layer, own in zip(self.layers, self.own):
-            for name, mine in own.items():
-                for a, b in zip(_as_tuple(mine), _as_tuple(getattr(layer, name))):
-                    if a is not b:
-                        a.copy_(b)
-                setattr(layer, name, mine)
-
-    def tensors(self):
-        """(layer index, field, tensor) for every tensor the cache holds."""
-        return [(l, name, t) for l, layer in enumerate(self.layers) for name, t in layer.tensors()]
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for _, _, t in self.tensors())
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """logits (B, V) -> token ids (B,): the argmax for temperature 0, else a draw from softmax(logits / temperature)
-    over the top_k largest logits (all for None or top_k >= V).
-
-    The draw is argmax_j p_j / E_j with E_j ~ Exp(1) independent: the exponential race, which token j wins with
-    probability p_j. torch.multinomial computes the same for one sample but first checks the probabilities on
-    the host (a device sync); written out, sampling runs inside a CUDA graph (CUDA's exponential never gives 0;
-    on the CPU the chance is about 2^-53 per draw, as for torch.multinomial)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.to(acc_dtype(logits.dtype)) / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    p = F.softmax(logits, dim=-1)
-    return (p / torch.empty_like(p).exponential_()).argmax(dim=-1)
-
-
-def cuda_graph(step, warmup=2):
-    """Run step() `warmup` times on a side stream (first calls pick kernels and allocate workspaces, which a
-    capture must not see), then capture one call as a CUDA graph -> its replay: the same kernels on the same
-    memory in one launch, inputs read from where they lie when replayed. The warm-up calls are real calls (a
-    decode step decodes a token; its position tensor advances), capturing runs nothing."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 # -----------------------------------------------------------------------------
 # 3. The model
 
@@ -734,6 +587,13 @@ class BLaLMConfig:
         return asdict(self)
 
 
+def check_ids(idx):
+    """idx must be a (B, T >= 1) tensor of int64/int32 token ids (their values are checked where data enters)."""
+    if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must be a (B, T >= 1) tensor of int64/int32 token ids, got {idx.dtype} "
+                         f"{tuple(idx.shape)}")
+
+
 class BLaLM(nn.Module):
 
     def __init__(self, config):
@@ -783,9 +643,7 @@ class BLaLM(nn.Module):
         last_only (without targets): the logits of the last position only, (B, 1, vocab), what decoding needs.
         Token ids are checked where data enters (bins, prompts, evaluation sentences), not here: a check of
         the values would synchronise the device on every call."""
-        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a (B, T >= 1) tensor of int64/int32 token ids, got {idx.dtype} "
-                             f"{tuple(idx.shape)}")
+        check_ids(idx)
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         self.check_length(pos + T)
@@ -844,9 +702,7 @@ class BLaLM(nn.Module):
         capture that step, sampling included, as one CUDA graph and replay it; False runs it eagerly (the CPU's
         way); model.compile_decode() beforehand fuses the step's kernels. For "mlstm" the decoding state has a
         fixed size whatever the context; for "attn" it is a KV cache of max(lengths) + max_new_tokens."""
-        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a (B, T >= 1) tensor of int64/int32 token ids, got {idx.dtype} "
-                             f"{tuple(idx.shape)}")
+        check_ids(idx)
         B, T = idx.shape
         V = self.config.vocab_size
         lengths = [T] * B if lengths is None else torch.as_tensor(lengths).tolist()

@@ -8,7 +8,7 @@ A checkpoint as a Hugging Face model folder, the form the official BabyLM 2025 e
     python export.py --help
 
 The folder holds config.json; the wrapper code of hf_code/ (configuration_blalm.py, modeling_blalm.py) with
-blalm.py, hedgehog.py, mlstm_triton.py and conv_triton.py copied beside it, so it runs without this repository;
+blalm.py, decode.py, hedgehog.py, mlstm_triton.py and conv_triton.py copied beside it, so it runs without this repository;
 model.safetensors (float32); tokenizer.json, tokenizer_config.json, special_tokens_map.json (the BPE
 of the checkpoint as a byte-level BPE of the `tokenizers` library: the same ids as tiktoken's
 encode_ordinary, with <|endoftext|> prepended as BOS when special tokens are added, as the pipeline does);
@@ -35,7 +35,7 @@ from data import EOT, tokenizer_from_dict, write_atomic
 ROOT = Path(__file__).resolve().parent
 WRAPPER_DIR = ROOT / "hf_code"
 WRAPPER_FILES = ("configuration_blalm.py", "modeling_blalm.py")
-MODEL_FILES = ("blalm.py", "hedgehog.py", "mlstm_triton.py", "conv_triton.py")  # copied, imports made relative
+MODEL_FILES = ("blalm.py", "decode.py", "hedgehog.py", "mlstm_triton.py", "conv_triton.py")  # copied, imports made relative
 AUTO_MAP = {"AutoConfig": "configuration_blalm.BLaLMHFConfig", "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM"}
 MILESTONE = re.compile(r"ckpt_(\d+)M_words\.pt")
 

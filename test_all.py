@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import bench
 import blalm
+import decode
 from blalm import (_intra_chunk_torch, BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent,
                    mlstm_step, segsum)
 import common
@@ -78,7 +79,7 @@ def rel_err(a, b):
 
 
 LAYERS = {"hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,   # math: torch only
-          "blalm": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
+          "blalm": 2, "decode": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
           "common": 3,                                             # plumbing
           "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4}  # scripts
 
@@ -101,8 +102,8 @@ def test_imports_point_down_the_layers_with_no_cycle_and_no_importer_of_train():
     for name, deps in graph.items():
         assert "train" not in deps, f"{name}.py imports train.py"
         for dep in deps:
-            downward = LAYERS[dep] < LAYERS[name] or (name, dep) in (("data", "synthetic"), ("corpus", "data"), ("corpus", "synthetic"),
-                                                                       ("train", "eval"))
+            downward = LAYERS[dep] < LAYERS[name] or (name, dep) in (
+                ("data", "synthetic"), ("corpus", "data"), ("corpus", "synthetic"), ("blalm", "decode"), ("train", "eval"))
             assert downward, f"{name}.py (layer {LAYERS[name]}) imports {dep}.py (layer {LAYERS[dep]})"
     assert not any(graph[m] for m in ("hedgehog", "muon", "mlstm_triton", "conv_triton") if m in graph), \
         "a math file imports the project"
@@ -751,7 +752,7 @@ def test_static_decode_step_logits_equal_full_forward_float64(variant, prefix):
         full = model(idx)[0]          # chunkwise mLSTM, blocked SWA, causal SDPA: none of decode_step's code
         cache = model.new_cache()
         model(idx[:, :prefix], cache=cache)
-        static = blalm.StaticCache(model, cache, 25)
+        static = decode.StaticCache(model, cache, 25)
         addresses = [(l, name, t.data_ptr(), t.shape) for l, name, t in static.tensors()]
         logits = [model.decode_step(idx[:, t:t + 1], static) for t in range(prefix, 25)]
     assert (torch.stack(logits, dim=1) - full[:, prefix:]).abs().max().item() < 1e-10
@@ -798,12 +799,12 @@ def test_sample_next_draws_from_the_softmax_of_the_top_k_logits():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0], dtype=torch.float64)
     torch.manual_seed(0)
     N = 40_000
-    draws = blalm.sample_next(logits.expand(N, 5), temperature=0.7, top_k=3)
+    draws = decode.sample_next(logits.expand(N, 5), temperature=0.7, top_k=3)
     freq = torch.bincount(draws, minlength=5).double() / N
     w = [math.exp(l / 0.7) for l in logits[:3].tolist()]           # the definition: exp(l / T) over the top 3
     want = [x / sum(w) for x in w] + [0.0, 0.0]
     assert freq[3:].sum() == 0 and max(abs(f - p) for f, p in zip(freq.tolist(), want)) < 0.01  # 4 sigma: 0.01
-    assert torch.equal(blalm.sample_next(logits[None], temperature=0), torch.tensor([0]))
+    assert torch.equal(decode.sample_next(logits[None], temperature=0), torch.tensor([0]))
 
 
 def test_generate_ends_a_row_at_eot_and_then_repeats_eot():
@@ -902,14 +903,14 @@ def test_cuda_graph_decode_equals_eager_decode_and_its_logits_the_full_forward(v
         full = model(seq)[0].float()
         cache = model.new_cache()
         model(seq[:, :10], cache=cache)
-        static = blalm.StaticCache(model, cache, seq.size(1))
+        static = decode.StaticCache(model, cache, seq.size(1))
         got = torch.zeros_like(full)
 
         def step():  # the token at position pos, its logits stored at pos
             pos = static.pos.clone()
             got.index_copy_(1, pos.view(1), model.decode_step(seq.index_select(1, pos.view(1)), static)[:, None])
 
-        replay = blalm.cuda_graph(step)                # two warm-up steps: positions 10 and 11
+        replay = decode.cuda_graph(step)                # two warm-up steps: positions 10 and 11
         for _ in range(12, seq.size(1)):
             replay()
     err = rel_err(got[:, 10:], full[:, 10:])
@@ -3371,12 +3372,17 @@ def test_sample_cli_prints_samples_separated_by_dashes(ckpt_path, tmp_path):
     assert all(s.startswith("Once upon") and len(s) > len("Once upon\n") for s in samples[:2])
 
 
+def save_byte_checkpoint(model, path):
+    """A checkpoint of an untrained model with the byte tokenizer, as sample.py reads one."""
+    common.save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
+                                words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
+
+
 def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, capsys):
     sample_main = sample.main
     model = tiny_model("attn", dtype=torch.float32)
     path = tmp_path / "attn.pt"
-    common.save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
-                         words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
+    save_byte_checkpoint(model, path)
     sample_main([f"--ckpt={path}", "--num_samples=1", "--max_new_tokens=31", "--temperature=0", "--device=cpu"])
     text = capsys.readouterr().out.removesuffix("\n" + "-" * 40 + "\n")
     want = model.generate(torch.tensor([[256]]), 31, temperature=0)[0, 1:].tolist()  # greedy, eot not printed
@@ -3393,8 +3399,7 @@ def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, cap
 def test_sample_lines_prompts_of_different_lengths_in_one_batch_each_continue_greedily(tmp_path, capsys):
     model = tiny_model(dtype=torch.float32)
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
-                         words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
+    save_byte_checkpoint(model, path)
     lines = ["a cat", "", "the big dog ran"]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     sample.main([f"--ckpt={path}", f"--start=LINES:{tmp_path / 'prompts.txt'}", "--num_samples=2",

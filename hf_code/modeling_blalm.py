@@ -16,6 +16,7 @@ from .configuration_blalm import BLaLMHFConfig
 if TYPE_CHECKING:  # never run: transformers < 5 copies out of a local folder only the files that this file
     # imports relatively, and blalm.py imports these (the Triton kernels only where they run: they need triton)
     from .conv_triton import short_conv
+    from .decode import StaticCache
     from .hedgehog import linear_attention_chunkwise
     from .mlstm_triton import intra_chunk
 

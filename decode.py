@@ -1,0 +1,152 @@
+"""
+The decoding state and what decodes from it, for blalm.BLaLM: LayerCache and DecodeCache (tensors that grow,
+positions as Python ints: forward(idx, cache=...)), StaticCache (the same state in tensors allocated once and
+updated in place, positions as a device tensor: BLaLM.decode_step), the ring-buffer attention step both the SWA
+branch and the softmax baseline's static KV cache use, sampling on the device, and CUDA-graph capture.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from hedgehog import acc_dtype
+
+
+def ring_attention_step(q, k, v, k_ring, v_ring, pos):
+    """One query per row at position pos (a 0-dim int64 tensor) against keys kept in a ring buffer of S slots:
+    q, k, v (B, NH, 1, D); k_ring, v_ring (B, NH, S, D), updated in place -> y (B, NH, 1, D).
+
+    The new key and value go to slot pos % S; slot s then holds the key of position pos - (pos - s) % S, and
+    has been written once s <= pos. With S = window this is the sliding window (query pos sees keys
+    pos-window+1..pos); with S larger than every position, a plain static KV cache. Slot and mask come from the
+    position tensor: fixed shapes, nothing read back to the host, so a CUDA graph can capture it."""
+    S = k_ring.size(2)
+    slot = (pos % S).view(1)
+    k_ring.index_copy_(2, slot, k.to(k_ring.dtype))
+    v_ring.index_copy_(2, slot, v.to(v_ring.dtype))
+    written = torch.arange(S, device=q.device) <= pos                  # (S,)
+    return F.scaled_dot_product_attention(q, k_ring, v_ring, attn_mask=written[None])
+
+
+class LayerCache:
+    """One block's decoding state; a field is None until the layer writes it. mlstm: the mLSTM state
+    (C, n, m); conv: the short convolution's last K-1 inputs (B, K-1, 3C); k, v: the SWA branch's last
+    window-1 rotary keys and values (B, NH, <window, D), or for "attn" all keys and values so far; state: the
+    Hedgehog layer's linear-attention state (S, z). static: a StaticCache's layer, whose k, v are ring buffers
+    that the layers update in place at a position given as a tensor (ring_attention_step)."""
+    FIELDS = ("mlstm", "conv", "k", "v", "state")
+
+    def __init__(self, static=False):
+        self.static = static
+        for name in self.FIELDS:
+            setattr(self, name, None)
+
+    def tensors(self):
+        """(field, tensor) for every tensor held (a state tuple gives several)."""
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            for t in value if isinstance(value, tuple) else (value,):
+                if t is not None:
+                    yield name, t
+
+
+class DecodeCache:
+    """The decoding state of a whole model (nanochat's KVCache, for a recurrent model): one LayerCache per
+    block and one position, the number of tokens seen. BLaLM.forward(idx, cache=cache) reads and advances it."""
+
+    def __init__(self, n_layer):
+        self.pos = 0
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def tensors(self):
+        """(layer index, field, tensor) for every tensor the cache holds."""
+        return [(l, name, t) for l, layer in enumerate(self.layers) for name, t in layer.tensors()]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for _, _, t in self.tensors())
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+class StaticCache(DecodeCache):
+    """A DecodeCache's state in tensors allocated once and updated in place, so that a decode step
+    (BLaLM.decode_step) has fixed shapes and memory addresses and can be captured as a CUDA graph: the mLSTM
+    state (C, n, m) in float32, the conv tail (B, K-1, 3C), the Hedgehog state (S, z), and keys/values in ring
+    buffers (B, NH, S, D) -- S = window for the SWA branch (the last `window` rotary keys), S = max_len for
+    "attn" (a static KV cache; max_len positions at most). pos: the position of the next token, a 0-dim int64
+    tensor on the device, the same for every row (prompts are left-aligned and advance together).
+
+    Built from a DecodeCache that has read the prompts (forward, in the chunkwise form): its fixed-size states
+    are copied, its keys and values written to the slots of their positions. tensors() and nbytes() are
+    DecodeCache's."""
+
+    def __init__(self, model, cache, max_len):
+        if cache.pos < 1 or max_len < cache.pos:
+            raise ValueError(f"StaticCache needs a cache that has read 1..max_len={max_len} tokens, "
+                             f"got one that has read {cache.pos}")
+        device = model.lm_head.weight.device
+        slots = model.config.swa_window if model.config.mixer == "mlstm" else max_len
+        self.max_len = max_len
+        self.pos = torch.tensor(cache.pos, device=device)
+        self.layers = []
+        for eager in cache.layers:
+            layer = LayerCache(static=True)
+            for name in ("mlstm", "conv", "state"):
+                value = getattr(eager, name)
+                if value is not None:
+                    setattr(layer, name, tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone())
+            if eager.k is not None:  # the keys of positions pos-n..pos-1 go to their slots
+                B, NH, n, D = eager.k.shape
+                slot = torch.arange(cache.pos - n, cache.pos, device=device) % slots
+                layer.k = eager.k.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.k)
+                layer.v = eager.v.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.v)
+            self.layers.append(layer)
+        self.own = [{name: getattr(layer, name) for name in LayerCache.FIELDS if getattr(layer, name) is not None}
+                    for layer in self.layers]
+
+    def write_back(self):
+        """Copy the states the layers wrote as new tensors (mLSTM, conv, Hedgehog: their decoding code is the
+        eager path's, which replaces a field) into this cache's own tensors, and point the fields back at them:
+        the next step, or the next replay of a captured graph, reads the same memory."""
+        for layer, own in zip(self.layers, self.own):
+            for name, mine in own.items():
+                for a, b in zip(_as_tuple(mine), _as_tuple(getattr(layer, name))):
+                    if a is not b:
+                        a.copy_(b)
+                setattr(layer, name, mine)
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits (B, V) -> token ids (B,): the argmax for temperature 0, else a draw from softmax(logits / temperature)
+    over the top_k largest logits (all for None or top_k >= V).
+
+    The draw is argmax_j p_j / E_j with E_j ~ Exp(1) independent: the exponential race, which token j wins with
+    probability p_j. torch.multinomial computes the same for one sample but first checks the probabilities on
+    the host (a device sync); written out, sampling runs inside a CUDA graph (CUDA's exponential never gives 0;
+    on the CPU the chance is about 2^-53 per draw, as for torch.multinomial)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.to(acc_dtype(logits.dtype)) / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    p = F.softmax(logits, dim=-1)
+    return (p / torch.empty_like(p).exponential_()).argmax(dim=-1)
+
+
+def cuda_graph(step, warmup=2):
+    """Run step() `warmup` times on a side stream (first calls pick kernels and allocate workspaces, which a
+    capture must not see), then capture one call as a CUDA graph -> its replay: the same kernels on the same
+    memory in one launch, inputs read from where they lie when replayed. The warm-up calls are real calls (a
+    decode step decodes a token; its position tensor advances), capturing runs nothing."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
