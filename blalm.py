@@ -142,14 +142,14 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     signs: where they cancel, every product rounded to bfloat16 is amplified -- with the state products in
     bfloat16, gradients erred ~7e-2 against float64 on random inputs, ~3e-3 now (test_all.py).
 
-    kernel="triton" computes step (c)'s L x L part with the fused Triton kernel of mlstm_triton.py (optional:
-    needs triton and CUDA tensors, chunk_size and head sizes powers of two); "torch" is the reference.
+    kernel="triton" computes the same function with the fused Triton kernels of mlstm_triton.py (optional:
+    needs triton and CUDA tensors, chunk_size and head sizes powers of two); "torch" (below) is the reference.
     """
     if kernel not in MLSTM_KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {MLSTM_KERNELS}")
-    intra_chunk = _intra_chunk_torch
     if kernel == "triton":  # imported only when asked for: triton is optional
-        from mlstm_triton import intra_chunk
+        from mlstm_triton import mlstm_chunkwise_triton
+        return mlstm_chunkwise_triton(q, k, v, i, f, chunk_size, state, return_state, eps)
     in_dtype = v.dtype
     dt = acc_dtype(q.dtype)
     B, NH, T, DQK = q.shape
@@ -196,7 +196,7 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
     # running maximum, no L x L matrix needed.
     log_init = b + m_in[..., None]                                    # log-weight of the entering state at t
     m = torch.maximum(log_init, b + torch.cummax(i - b, dim=-1).values).detach()   # (B, NH, NC, L)
-    num, den = intra_chunk(q, k, v, b, i, m)                          # (B, NH, NC, L, DV), (B, NH, NC, L)
+    num, den = _intra_chunk_torch(q, k, v, b, i, m)                   # (B, NH, NC, L, DV), (B, NH, NC, L)
     init = torch.exp(log_init - m)
     num = num + init[..., None] * (q.to(dt) @ C_in)
     den = torch.maximum((den + init * (q.to(dt) @ n_in[..., None]).squeeze(-1)).abs(), torch.exp(-m)) + eps
@@ -209,7 +209,7 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, state=None, return_state=False
 def _intra_chunk_torch(q, k, v, b, i, m):
     """Step (c) inside each chunk: P[t,s] = (q_t . k_s) exp(b_t - b_s + i_s - m_t) for s <= t, else 0;
     returns num = P @ v (B, NH, NC, L, DV) and den = P.sum(-1) (B, NH, NC, L), in b's dtype.
-    (mlstm_triton.intra_chunk computes the same without writing the L x L matrices to memory.)"""
+    (mlstm_triton.py's kernels keep these L x L matrices in registers.)"""
     L = b.size(-1)
     logA = (b[..., :, None] - b[..., None, :] + i[..., None, :] - m[..., None]).masked_fill(~causal_mask(L, b.device),
                                                                                             float("-inf"))

@@ -1,42 +1,54 @@
 """
-An optional Triton kernel for the intra-chunk part of the chunkwise mLSTM
-(`blalm.mlstm_chunkwise(..., kernel="triton")`, step (c)).
+An optional fused Triton implementation of the whole chunkwise mLSTM, forward and backward
+(`blalm.mlstm_chunkwise(..., kernel="triton")`): the same function as the PyTorch form, in five kernels.
 
-What it computes, for each chunk of L tokens (q already scaled by 1/sqrt(DQK); b the cumulative sum of
-log sigmoid(f) inside the chunk; i the input-gate pre-activations; m the row stabiliser, computed by the
-caller and treated as a constant):
+Notation (blalm.py's): for head (b, h), chunks of L tokens, q scaled by 1/sqrt(DQK), lf = log sigmoid(f),
+b_t the cumulative sum of lf inside a token's chunk, g = b at the chunk's last token, i the input gate.
+The state entering chunk c is (C_c, n_c, m_c); chunk c's tokens t see
 
-    A[t,s] = exp(b_t - b_s + i_s - m_t)     (s <= t, else 0)      the stabilised gate matrix (blalm's names)
-    P[t,s] = (q_t . k_s) * A[t,s]
-    num    = P @ V   (L x DV),   den = P.sum(-1)   (L)
+    A[t,s] = exp(b_t - b_s + i_s - m_t) (s <= t)    init_t = exp(b_t + m_c - m_t)
+    m_t    = max(b_t + m_c, max_{s<=t} (b_t - b_s + i_s))                        the stabiliser
+    num_t  = sum_s A[t,s] (q_t . k_s) v_s + init_t q_t C_c        dd_t = the same with v -> 1, C_c -> n_c
+    h_t    = num_t / (max(|dd_t|, exp(-m_t)) + eps)
 
-and the gradients, with G = dP * P the gradient of the log-weights b_t - b_s + i_s:
+and the state leaves the chunk as
+    m_{c+1} = max(g + m_c, max_s a_s),  a_s = g - b_s + i_s,  w_s = exp(a_s - m_{c+1})
+    C_{c+1} = exp(g + m_c - m_{c+1}) C_c + sum_s w_s k_s v_s^T    n_{c+1}: the same with v -> 1.
 
-    dP = dnum @ V^T + dden[:, None]      dV = P^T @ dnum
-    dS = dP * A                          dq = dS @ K,   dk = dS^T @ Q
-    db_t = sum_s G[t,s] - sum_s G[s,t]   di_s = sum_t G[t,s]
+The kernels (TFLA's split, Beck et al. 2025: a sequential pass over chunks for the states, parallel passes
+over chunks for everything else; written here from the equations above):
 
-Why: the PyTorch form writes (B, NH, NC, L, L) float32 tensors (the decay matrix, its exp, the masks, P) to
-memory and reads them back, and that traffic, not the matrix products, is most of its time. Here one program
-handles one chunk of one head and keeps its L x L matrices in registers; they never reach global memory, and
-the backward recomputes them (as flash attention does) instead of saving them. Only num and den leave the
-kernel; the rest of step (c) (the entering state, the normaliser, the division) stays in PyTorch.
+  forward   _fwd_states  grid (B*NH, state tiles): walks the chunks in order, stores every C_c, n_c, m_c
+            _fwd_out     grid (B*NH, NC): one chunk: its L x L part in registers plus the entering state -> h;
+                         keeps m_t, the denominator and the sign of dd_t (which branch of the max) for backward
+  backward  _bwd_prep    grid (B*NH, NC): ddd_t = d loss / d dd_t = -(dh_t . h_t) sign_t / den_t
+            _bwd_states  grid (B*NH, state tiles): walks the chunks backwards, stores d loss / d C_c, d n_c
+                         (dC_c = exp(g + m_c - m_{c+1}) dC_{c+1} + sum_t init_t q_t (dh_t / den_t)^T)
+            _bwd_qkv     grid (B*NH, NC): dq, dk, dv of one chunk, the L x L part recomputed, not stored
 
-Precision follows the PyTorch form: the matrix products take the input dtype (bfloat16 runs on the tensor
-cores), P and dP/dS are rounded to it before their products, and everything else is float32.
-Float32 inputs get true float32 products (no TF32).
+The gates' gradients need no L x L sums: every term that holds k_s carries the factor exp(i_s), so
+d loss / d i_s = k_s . dk_s; a term from source s to target t has log-weight B_t - B_s + i_s (B the cumulative
+sum of lf over the sequence), so d loss / d B_t = q_t . dq_t - k_t . dk_t and d loss / d lf_r is its reversed
+cumulative sum (plus, when the final state is used, <dC, C> + <dn, n> at the end, for every r). The kernels
+keep these row dot products in float32; PyTorch adds up the (B, NH, T) vectors.
 
-Tested (test_all.py) against mlstm_parallel in float64 and against kernel="torch", outputs and gradients, on
-the GPU when there is one and otherwise under the Triton interpreter (TRITON_INTERPRET=1 set before this
-module is imported; it runs the kernels with numpy on the CPU).
+Precision follows the PyTorch form: q . k and P @ v take the input dtype (bfloat16: tensor cores), the states,
+the gates, the stabiliser and every sum are float32, the state products run as float32 with STATE_PRECISION
+(float32 inputs: true float32, "ieee"). Float32 inputs get true float32 products everywhere.
+
+Tested (test_all.py) against mlstm_parallel / mlstm_recurrent in float64 and against kernel="torch", outputs
+and gradients (states in and out included), on the GPU when there is one and otherwise under the Triton
+interpreter (TRITON_INTERPRET=1 set before this module is imported; it runs the kernels with numpy on the CPU).
 
 Optional: blalm.py imports this module only when kernel="triton" is asked for, so the project runs without
 triton. It needs CUDA tensors (or the interpreter), chunk sizes 16..128 and head sizes 16..256, powers of two.
 """
 
+import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -48,140 +60,392 @@ except ImportError as e:
 # triton.jit reads TRITON_INTERPRET when the kernels below are defined: set it before importing this module
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-@triton.jit
-def _gates(Bg, Ig, Mg, chunk, L: tl.constexpr):
-    """A[t,s] = exp(b_t - b_s + i_s - m_t) for s <= t, else 0; float32 (L, L)."""
-    t = tl.arange(0, L)[:, None]
-    s = tl.arange(0, L)[None, :]
-    row, col = chunk * L + t, chunk * L + s
-    logA = tl.load(Bg + row) - tl.load(Bg + col) + tl.load(Ig + col) - tl.load(Mg + row)
-    return tl.exp(tl.where(s <= t, logA, float("-inf")))   # mask first: above the diagonal logA can be +big
+# the state products (k w)^T v, q C, and their backward, for bfloat16/float16 inputs: "tf32" rounds one operand
+# to 10 mantissa bits (finer than the inputs' 7 or 10), "tf32x3" is float32 accuracy at three times the products
+STATE_PRECISION = "tf32"
+# launch shapes, by kernel: warps for the per-chunk kernels; the sequential state kernels split (DQK, DV) into
+# tiles until there are at least MIN_STATE_PROGRAMS programs (long sequences, small batches), down to 16 x 16
+NUM_WARPS = {"fwd_out": 4, "bwd_qkv": 8, "prep": 4, "states": 4}
+MIN_STATE_PROGRAMS = 264
 
 
 @triton.jit
-def _scores(Q, K, chunk, L: tl.constexpr, DQK: tl.constexpr, BLOCK_DQK: tl.constexpr, PRECISION: tl.constexpr):
-    """S = Q @ K^T (L, L) in float32, summed over blocks of BLOCK_DQK features (wide heads fit in registers)."""
-    t = tl.arange(0, L)[:, None]
-    d = tl.arange(0, BLOCK_DQK)[None, :]
+def _rows(X, sb, sh, st, bh, NH, tok, T, col):
+    """Pointers to rows tok (L,) and columns col (BD,) of head bh of a (B, NH, T, D) tensor with strides
+    (sb, sh, st, 1), and the mask of the rows inside the sequence (the last chunk is padded)."""
+    ptr = X + (bh // NH) * sb + (bh % NH) * sh + tok.to(tl.int64)[:, None] * st + col[None, :]
+    return ptr, (tok < T)[:, None]
+
+
+@triton.jit
+def _fwd_states(K, V, Bg, Ig, CS, NS, MS, skb, skh, skt, svb, svh, svt, NH, T, NC,
+                L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """C_c, n_c, m_c for c = 1..NC into CS (B*NH, NC+1, DQK, DV), NS (B*NH, NC+1, DQK), MS (B*NH, NC+1);
+    index 0 holds the initial state (the caller writes it). One (BK, BV) tile of C per program."""
+    bh = tl.program_id(0).to(tl.int64)
+    ik, iv = tl.program_id(1), tl.program_id(2)
+    t = tl.arange(0, L)
+    d = ik * BK + tl.arange(0, BK)
+    e = iv * BV + tl.arange(0, BV)
+    Tp = NC * L
+    cs = CS + bh * (NC + 1) * DQK * DV + d[:, None] * DV + e[None, :]
+    ns = NS + bh * (NC + 1) * DQK + d
+    C = tl.load(cs)
+    n = tl.load(ns)
+    m = tl.load(MS + bh * (NC + 1))
+    c = 0
+    while c < NC:   # (a while loop: the Triton interpreter cannot take range() of a run-time bound)
+        tok = c * L + t
+        b = tl.load(Bg + bh * Tp + tok)
+        g = tl.load(Bg + bh * Tp + c * L + L - 1)
+        a = g - b + tl.load(Ig + bh * Tp + tok)                   # log-weight of token s at the chunk's end
+        m_next = tl.maximum(g + m, tl.max(a, axis=0))
+        w = tl.exp(a - m_next)
+        kp, rows = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
+        vp, _ = _rows(V, svb, svh, svt, bh, NH, tok, T, e)
+        kw = tl.load(kp, mask=rows, other=0.0).to(tl.float32) * w[:, None]          # (L, BK)
+        v = tl.load(vp, mask=rows, other=0.0).to(tl.float32)                        # (L, BV)
+        decay = tl.exp(g + m - m_next)
+        C = tl.dot(tl.trans(kw), v, decay * C, input_precision=PRECISION)
+        n = decay * n + tl.sum(kw, axis=0)
+        m = m_next
+        tl.store(cs + (c + 1) * DQK * DV, C)
+        if iv == 0:
+            tl.store(ns + (c + 1) * DQK, n)
+            if ik == 0:
+                tl.store(MS + bh * (NC + 1) + c + 1, m)
+        c += 1
+
+
+@triton.jit
+def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, MT, DEN, SIG,
+             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, shb, shh, sht, NH, T, NC, scale, eps,
+             L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """h for one chunk of one head; m_t, den_t = max(|dd_t|, exp(-m_t)) + eps and sign_t (the sign of dd_t
+    where |dd_t| is the larger, else 0) into MT, DEN, SIG (B*NH, NC*L)."""
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, L)
+    Tp = NC * L
+    tok = c * L + t
+    b = tl.load(Bg + bh * Tp + tok)
+    i = tl.load(Ig + bh * Tp + tok)
+    m_in = tl.load(MS + bh * (NC + 1) + c)
+    logA = tl.where(t[None, :] <= t[:, None], b[:, None] - b[None, :] + i[None, :], float("-inf"))
+    m = tl.maximum(b + m_in, tl.max(logA, axis=1))
+    A = tl.exp(logA - m[:, None])
+    init = tl.exp(b + m_in - m) * scale                           # the entering state's weight (q's scale in it)
+
     S = tl.zeros((L, L), dtype=tl.float32)
-    for d0 in range(0, DQK, BLOCK_DQK):
-        offs = chunk * L * DQK + t * DQK + d0 + d
-        S = tl.dot(tl.load(Q + offs), tl.trans(tl.load(K + offs)), S, input_precision=PRECISION)
-    return S
+    qn = tl.zeros((L,), dtype=tl.float32)
+    for d0 in range(0, DQK, BK):
+        d = d0 + tl.arange(0, BK)
+        qp, rows = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
+        kp, _ = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
+        q = tl.load(qp, mask=rows, other=0.0)
+        S = tl.dot(q, tl.trans(tl.load(kp, mask=rows, other=0.0)), S, input_precision=PRECISION)
+        qn += tl.sum(q.to(tl.float32) * tl.load(NS + (bh * (NC + 1) + c) * DQK + d)[None, :], axis=1)
+    P = S * scale * A
+    dd = tl.sum(P, axis=1) + init * qn
+    floor = tl.exp(-m)
+    den = tl.maximum(tl.abs(dd), floor) + eps
+    tl.store(MT + bh * Tp + tok, m)
+    tl.store(DEN + bh * Tp + tok, den)
+    tl.store(SIG + bh * Tp + tok, tl.where(tl.abs(dd) > floor, tl.where(dd > 0, 1.0, -1.0), 0.0))
+
+    for e0 in range(0, DV, BV):
+        e = e0 + tl.arange(0, BV)
+        vp, rows = _rows(V, svb, svh, svt, bh, NH, tok, T, e)
+        v = tl.load(vp, mask=rows, other=0.0)
+        qC = tl.zeros((L, BV), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            d = d0 + tl.arange(0, BK)
+            qp, _ = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
+            Cc = tl.load(CS + ((bh * (NC + 1) + c) * DQK + d[:, None]) * DV + e[None, :])
+            qC = tl.dot(tl.load(qp, mask=rows, other=0.0).to(tl.float32), Cc, qC, input_precision=STATE_PRECISION)
+        num = tl.dot(P.to(v.dtype), v, input_precision=PRECISION) + init[:, None] * qC
+        hp, _ = _rows(H, shb, shh, sht, bh, NH, tok, T, e)
+        tl.store(hp, (num / den[:, None]).to(H.dtype.element_ty), mask=rows)
 
 
 @triton.jit
-def _intra_chunk_fwd(Q, K, V, Bg, Ig, Mg, NUM, DEN,
-                     L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-                     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)          # one (batch * head, chunk) per program; int64: big offsets
-    t = tl.arange(0, L)[:, None]
-    e = tl.arange(0, BLOCK_DV)[None, :]
-    P = _scores(Q, K, chunk, L, DQK, BLOCK_DQK, PRECISION) * _gates(Bg, Ig, Mg, chunk, L)    # (L, L) float32
-    tl.store(DEN + chunk * L + tl.arange(0, L), tl.sum(P, axis=1))
-    for e0 in range(0, DV, BLOCK_DV):
-        offs = chunk * L * DV + t * DV + e0 + e
-        v = tl.load(V + offs)
-        tl.store(NUM + offs, tl.dot(P.to(v.dtype), v, input_precision=PRECISION))
+def _bwd_prep(DH, H, DEN, SIG, DDD, sdb, sdh, sdt, shb, shh, sht, NH, T, NC,
+              L: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """ddd_t = d loss / d dd_t = -(dh_t . h_t) sign_t / den_t into DDD (B*NH, NC*L)."""
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    tok = c * L + tl.arange(0, L)
+    dot = tl.zeros((L,), dtype=tl.float32)
+    for e0 in range(0, DV, BV):
+        e = e0 + tl.arange(0, BV)
+        dp, rows = _rows(DH, sdb, sdh, sdt, bh, NH, tok, T, e)
+        hp, _ = _rows(H, shb, shh, sht, bh, NH, tok, T, e)
+        dot += tl.sum(tl.load(dp, mask=rows, other=0.0).to(tl.float32) *
+                      tl.load(hp, mask=rows, other=0.0).to(tl.float32), axis=1)
+    off = bh * NC * L + tok
+    tl.store(DDD + off, -dot * tl.load(SIG + off) / tl.load(DEN + off))
 
 
 @triton.jit
-def _intra_chunk_bwd(Q, K, V, Bg, Ig, Mg, DNUM, DDEN, DQ, DK, DVg, DB, DI,
-                     L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-                     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    t = tl.arange(0, L)[:, None]
-    d = tl.arange(0, BLOCK_DQK)[None, :]
-    e = tl.arange(0, BLOCK_DV)[None, :]
-    A = _gates(Bg, Ig, Mg, chunk, L)
-    P = _scores(Q, K, chunk, L, DQK, BLOCK_DQK, PRECISION) * A     # recomputed, not saved
+def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, sdt, NH, T, NC, scale,
+                L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """dC_c, dn_c (the gradients with respect to the state entering chunk c, c = NC-1..0) into DCS, DNS, shaped
+    as CS, NS; index NC holds the final state's gradient (the caller writes it). One tile per program."""
+    bh = tl.program_id(0).to(tl.int64)
+    ik, iv = tl.program_id(1), tl.program_id(2)
+    t = tl.arange(0, L)
+    d = ik * BK + tl.arange(0, BK)
+    e = iv * BV + tl.arange(0, BV)
+    Tp = NC * L
+    dcs = DCS + bh * (NC + 1) * DQK * DV + d[:, None] * DV + e[None, :]
+    dns = DNS + bh * (NC + 1) * DQK + d
+    dC = tl.load(dcs + NC * DQK * DV)
+    dn = tl.load(dns + NC * DQK)
+    c = NC - 1
+    while c >= 0:
+        tok = c * L + t
+        m_in = tl.load(MS + bh * (NC + 1) + c)
+        m_out = tl.load(MS + bh * (NC + 1) + c + 1)
+        g = tl.load(Bg + bh * Tp + c * L + L - 1)
+        init = tl.exp(tl.load(Bg + bh * Tp + tok) + m_in - tl.load(MT + bh * Tp + tok)) * scale
+        qp, rows = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
+        dp, _ = _rows(DH, sdb, sdh, sdt, bh, NH, tok, T, e)
+        q = tl.load(qp, mask=rows, other=0.0).to(tl.float32)                          # (L, BK)
+        dnum = tl.load(dp, mask=rows, other=0.0).to(tl.float32) / tl.load(DEN + bh * Tp + tok)[:, None]
+        decay = tl.exp(g + m_in - m_out)
+        dC = tl.dot(tl.trans(q * init[:, None]), dnum, decay * dC, input_precision=PRECISION)
+        tl.store(dcs + c * DQK * DV, dC)
+        if iv == 0:
+            dn = decay * dn + tl.sum(q * (init * tl.load(DDD + bh * Tp + tok))[:, None], axis=0)
+            tl.store(dns + c * DQK, dn)
+        c -= 1
 
-    # dP = dnum @ V^T + dden (each P[t,s] enters den_t with weight 1); dV = P^T @ dnum
-    dP = tl.zeros((L, L), dtype=tl.float32) + tl.load(DDEN + chunk * L + t)
-    for e0 in range(0, DV, BLOCK_DV):
-        offs = chunk * L * DV + t * DV + e0 + e
-        v = tl.load(V + offs)
-        dnum = tl.load(DNUM + offs).to(v.dtype)
+
+@triton.jit
+def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DVg, DG, DI,
+             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, NH, T, NC, scale,
+             L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """dq, dk, dv of one chunk of one head (written contiguous (B, NH, T, D)); DG = q . dq - k . dk (d loss / d B_t)
+    and DI = k . dk (d loss / d i), (B*NH, NC*L), float32."""
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, L)
+    Tp = NC * L
+    tok = c * L + t
+    b = tl.load(Bg + bh * Tp + tok)
+    i = tl.load(Ig + bh * Tp + tok)
+    m = tl.load(MT + bh * Tp + tok)
+    m_in = tl.load(MS + bh * (NC + 1) + c)
+    m_out = tl.load(MS + bh * (NC + 1) + c + 1)
+    g = tl.load(Bg + bh * Tp + c * L + L - 1)
+    A = tl.exp(tl.where(t[None, :] <= t[:, None], b[:, None] - b[None, :] + i[None, :], float("-inf")) - m[:, None])
+    init = tl.exp(b + m_in - m) * scale
+    w = tl.exp(g - b + i - m_out)                      # token s's weight in the state leaving the chunk
+    rden = 1.0 / tl.load(DEN + bh * Tp + tok)
+    ddd = tl.load(DDD + bh * Tp + tok)
+    cs = CS + (bh * (NC + 1) + c) * DQK * DV           # the state entering the chunk
+    dcs = DCS + (bh * (NC + 1) + c + 1) * DQK * DV     # the gradient of the state leaving it
+    out = bh * T * DQK                                 # dq, dk: contiguous (B, NH, T, DQK); dv: (B, NH, T, DV)
+
+    S = tl.zeros((L, L), dtype=tl.float32)
+    for d0 in range(0, DQK, BK):
+        d = d0 + tl.arange(0, BK)
+        qp, rows = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
+        kp, _ = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
+        S = tl.dot(tl.load(qp, mask=rows, other=0.0), tl.trans(tl.load(kp, mask=rows, other=0.0)), S,
+                   input_precision=PRECISION)
+    P = S * scale * A
+
+    # dP = dnum v^T + ddd (P[t,s] enters num_t through v_s and dd_t with weight 1); dv = P^T dnum + w k dC_out
+    dP = tl.zeros((L, L), dtype=tl.float32) + ddd[:, None]
+    for e0 in range(0, DV, BV):
+        e = e0 + tl.arange(0, BV)
+        vp, rows = _rows(V, svb, svh, svt, bh, NH, tok, T, e)
+        dp, _ = _rows(DH, sdb, sdh, sdt, bh, NH, tok, T, e)
+        v = tl.load(vp, mask=rows, other=0.0)
+        dnum = (tl.load(dp, mask=rows, other=0.0).to(tl.float32) * rden[:, None]).to(v.dtype)
         dP = tl.dot(dnum, tl.trans(v), dP, input_precision=PRECISION)
-        dv = tl.dot(tl.trans(P.to(v.dtype)), dnum, input_precision=PRECISION)
-        tl.store(DVg + offs, dv.to(DVg.dtype.element_ty))
+        kdC = tl.zeros((L, BV), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            d = d0 + tl.arange(0, BK)
+            kp, _ = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
+            kdC = tl.dot(tl.load(kp, mask=rows, other=0.0).to(tl.float32),
+                         tl.load(dcs + d[:, None] * DV + e[None, :]), kdC, input_precision=STATE_PRECISION)
+        dv = tl.dot(tl.trans(P.to(v.dtype)), dnum, input_precision=PRECISION) + w[:, None] * kdC
+        tl.store(DVg + bh * T * DV + tok.to(tl.int64)[:, None] * DV + e[None, :], dv.to(DVg.dtype.element_ty),
+                 mask=rows)
+    dS = (dP * A * scale)                               # the gradient of the raw scores q_t . k_s
 
-    # P = S * A: dS = dP * A reaches q and k; G = dP * P is the gradient of log A[t,s] = b_t - b_s + i_s - m_t,
-    # which b_t receives along row t (+), b_s and i_s along column s (-, +). A and P are 0 above the diagonal,
-    # so dS and G are too, whatever dP holds there.
-    dS = dP * A
-    G = dP * P
-    rows, cols = tl.sum(G, axis=1), tl.sum(G, axis=0)
-    tl.store(DB + chunk * L + tl.arange(0, L), rows - cols)
-    tl.store(DI + chunk * L + tl.arange(0, L), cols)
+    qdq = tl.zeros((L,), dtype=tl.float32)
+    kdk = tl.zeros((L,), dtype=tl.float32)
+    for d0 in range(0, DQK, BK):
+        d = d0 + tl.arange(0, BK)
+        qp, rows = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
+        kp, _ = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
+        q, k = tl.load(qp, mask=rows, other=0.0), tl.load(kp, mask=rows, other=0.0)
+        # the states' parts: dq_t += init_t (C_in dnum_t + ddd_t n_in), dk_s += w_s (dC_out v_s + dn_out)
+        dnC = tl.zeros((L, BK), dtype=tl.float32)
+        vdC = tl.zeros((L, BK), dtype=tl.float32)
+        for e0 in range(0, DV, BV):
+            e = e0 + tl.arange(0, BV)
+            vp, _ = _rows(V, svb, svh, svt, bh, NH, tok, T, e)
+            dp, _ = _rows(DH, sdb, sdh, sdt, bh, NH, tok, T, e)
+            dnum = tl.load(dp, mask=rows, other=0.0).to(tl.float32) * rden[:, None]
+            state = d[None, :] * DV + e[:, None]                                      # (BV, BK): transposed
+            dnC = tl.dot(dnum, tl.load(cs + state), dnC, input_precision=STATE_PRECISION)
+            vdC = tl.dot(tl.load(vp, mask=rows, other=0.0).to(tl.float32), tl.load(dcs + state), vdC,
+                         input_precision=STATE_PRECISION)
+        n_in = tl.load(NS + (bh * (NC + 1) + c) * DQK + d)
+        dn_out = tl.load(DNS + (bh * (NC + 1) + c + 1) * DQK + d)
+        dq = tl.dot(dS.to(k.dtype), k, input_precision=PRECISION) + \
+            init[:, None] * (dnC + ddd[:, None] * n_in[None, :])
+        dk = tl.dot(tl.trans(dS.to(q.dtype)), q, input_precision=PRECISION) + w[:, None] * (vdC + dn_out[None, :])
+        qdq += tl.sum(q.to(tl.float32) * dq, axis=1)
+        kdk += tl.sum(k.to(tl.float32) * dk, axis=1)
+        off = out + tok.to(tl.int64)[:, None] * DQK + d[None, :]
+        tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=rows)
+        tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=rows)
+    tl.store(DG + bh * Tp + tok, qdq - kdk)
+    tl.store(DI + bh * Tp + tok, kdk)
 
-    for d0 in range(0, DQK, BLOCK_DQK):
-        offs = chunk * L * DQK + t * DQK + d0 + d
-        q, k = tl.load(Q + offs), tl.load(K + offs)
-        dq = tl.dot(dS.to(k.dtype), k, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(dS.to(q.dtype)), q, input_precision=PRECISION)
-        tl.store(DQ + offs, dq.to(DQ.dtype.element_ty))
-        tl.store(DK + offs, dk.to(DK.dtype.element_ty))
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _launch_args(q, v):
-    L, DQK, DV = q.size(-2), q.size(-1), v.size(-1)
-    # float32 inputs get true float32 products (no TF32 rounding, whatever torch's global flags say): who
-    # passes float32 wants its accuracy; bfloat16 is the fast path (PRECISION only affects float32 operands)
-    return dict(L=L, DQK=DQK, DV=DV, BLOCK_DQK=min(DQK, 64), BLOCK_DV=min(DV, 64),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if L <= 64 else 8)
+def _rowwise(x):
+    """x itself when its rows (last dim) are contiguous, which is all the kernels need (no copy of the
+    (B, T, NH, D) -> (B, NH, T, D) views the model passes); a contiguous copy otherwise."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class IntraChunk(torch.autograd.Function):
-    """(q, k, v, b, i, m) -> (num, den); shapes (B, NH, NC, L, D) and (B, NH, NC, L). m gets no gradient."""
+def _state_tiles(BH, DQK, DV):
+    """(BK, BV) for the sequential state kernels: halve the tile (DQK side first) until B*NH*tiles programs fill
+    the GPU, so a long sequence in a small batch still runs on many SMs."""
+    BK, BV = min(DQK, 64), min(DV, 64)
+    while BH * (DQK // BK) * (DV // BV) < MIN_STATE_PROGRAMS and max(BK, BV) > 16:
+        if BK >= BV and BK > 16:
+            BK //= 2
+        else:
+            BV //= 2
+    return BK, BV
+
+
+class ChunkwiseMLSTM(torch.autograd.Function):
+    """(q, k, v, lf, i, C0, n0, m0) -> (h, C, n, m), the chunkwise mLSTM from state (C0, n0, m0) to the final one.
+    q, k: (B, NH, T, DQK), v: (B, NH, T, DV), unscaled; lf = log sigmoid(f), i: (B, NH, NC*L) float32, padded past T
+    (lf 0, i -inf); C0 (B, NH, DQK, DV), n0 (B, NH, DQK), m0 (B, NH) float32. h has q's dtype. m gets no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, b, i, m):
-        q, k, v, b, i, m = (x.contiguous() for x in (q, k, v, b, i, m))
-        num = torch.empty(v.shape, dtype=b.dtype, device=v.device)
-        den = torch.empty_like(b)
-        grid = (b.numel() // b.size(-1),)                            # B * NH * NC chunks
-        _intra_chunk_fwd[grid](q, k, v, b, i, m, num, den, **_launch_args(q, v))
-        ctx.save_for_backward(q, k, v, b, i, m)
-        return num, den
+    def forward(ctx, q, k, v, lf, i, C0, n0, m0, L, eps):
+        q, k, v = _rowwise(q), _rowwise(k), _rowwise(v)
+        B, NH, T, DQK = q.shape
+        DV = v.size(-1)
+        NC = lf.size(-1) // L
+        BH = B * NH
+        b = lf.reshape(B, NH, NC, L).cumsum(-1).reshape(B, NH, NC * L)
+        i = i.contiguous()
+        f32 = dict(dtype=torch.float32, device=q.device)
+        CS = torch.empty(B, NH, NC + 1, DQK, DV, **f32)
+        NS = torch.empty(B, NH, NC + 1, DQK, **f32)
+        MS = torch.empty(B, NH, NC + 1, **f32)
+        CS[:, :, 0], NS[:, :, 0], MS[:, :, 0] = C0, n0, m0
+        p = _precisions(q)
+        BK, BV = _state_tiles(BH, DQK, DV)
+        _fwd_states[(BH, DQK // BK, DV // BV)](k, v, b, i, CS, NS, MS, *_strides(k), *_strides(v), NH, T, NC,
+                                               L=L, DQK=DQK, DV=DV, BK=BK, BV=BV, PRECISION=p["STATE_PRECISION"],
+                                               num_warps=NUM_WARPS["states"])
+        h = torch.empty(B, NH, T, DV, dtype=q.dtype, device=q.device)
+        MT, DEN, SIG = (torch.empty(B, NH, NC * L, **f32) for _ in range(3))
+        _fwd_out[(BH, NC)](q, k, v, b, i, CS, NS, MS, h, MT, DEN, SIG, *_strides(q), *_strides(k), *_strides(v),
+                           *_strides(h), NH, T, NC, 1.0 / math.sqrt(DQK), eps,
+                           L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, num_warps=NUM_WARPS["fwd_out"])
+        ctx.save_for_backward(q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h)
+        ctx.L = L
+        # copies: the outputs must not be views of what backward reads
+        return h, CS[:, :, NC].clone(), NS[:, :, NC].clone(), MS[:, :, NC].clone()
 
     @staticmethod
-    def backward(ctx, dnum, dden):
-        q, k, v, b, i, m = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        db, di = torch.empty_like(b), torch.empty_like(i)
-        grid = (b.numel() // b.size(-1),)
-        _intra_chunk_bwd[grid](q, k, v, b, i, m, dnum.contiguous(), dden.contiguous(), dq, dk, dv, db, di,
-                               **_launch_args(q, v))
-        return dq, dk, dv, db, di, None
+    def backward(ctx, dh, dC_end, dn_end, _dm_end):
+        q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h = ctx.saved_tensors
+        L = ctx.L
+        dh = _rowwise(dh)
+        B, NH, T, DQK = q.shape
+        DV = v.size(-1)
+        NC = b.size(-1) // L
+        BH = B * NH
+        scale = 1.0 / math.sqrt(DQK)
+        p = _precisions(q)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        DDD = torch.empty(B, NH, NC * L, **f32)
+        _bwd_prep[(BH, NC)](dh, h, DEN, SIG, DDD, *_strides(dh), *_strides(h), NH, T, NC,
+                            L=L, DV=DV, BV=min(DV, 64), num_warps=NUM_WARPS["prep"])
+        DCS = torch.empty(B, NH, NC + 1, DQK, DV, **f32)
+        DNS = torch.empty(B, NH, NC + 1, DQK, **f32)
+        DCS[:, :, NC], DNS[:, :, NC] = dC_end, dn_end
+        BK, BV = _state_tiles(BH, DQK, DV)
+        _bwd_states[(BH, DQK // BK, DV // BV)](q, dh, b, MS, MT, DEN, DDD, DCS, DNS, *_strides(q), *_strides(dh),
+                                               NH, T, NC, scale, L=L, DQK=DQK, DV=DV, BK=BK, BV=BV,
+                                               PRECISION=p["STATE_PRECISION"], num_warps=NUM_WARPS["states"])
+        dq, dk = (torch.empty(B, NH, T, DQK, dtype=q.dtype, device=q.device) for _ in range(2))
+        dv = torch.empty(B, NH, T, DV, dtype=v.dtype, device=v.device)
+        DG, DI = torch.empty(B, NH, NC * L, **f32), torch.empty(B, NH, NC * L, **f32)
+        _bwd_qkv[(BH, NC)](q, k, v, dh, b, i, CS, NS, MS, MT, DEN, DDD, DCS, DNS, dq, dk, dv, DG, DI,
+                           *_strides(q), *_strides(k), *_strides(v), *_strides(dh), NH, T, NC, scale,
+                           L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, num_warps=NUM_WARPS["bwd_qkv"])
+        # d loss / d lf_r = sum_{t >= r} (q_t . dq_t - k_t . dk_t), plus the final state's <dC, C> + <dn, n>
+        end = (dC_end * CS[:, :, NC]).sum((-2, -1)) + (dn_end * NS[:, :, NC]).sum(-1)
+        dlf = DG.flip(-1).cumsum(-1).flip(-1) + end[..., None]
+        return dq, dk, dv, dlf, DI, DCS[:, :, 0], DNS[:, :, 0], None, None, None
+
+
+def _precisions(q):
+    # float32 inputs get true float32 products (no TF32 rounding, whatever torch's global flags say): who passes
+    # float32 wants its accuracy; bfloat16 is the fast path (PRECISION only affects float32 operands)
+    if q.dtype == torch.float32:
+        return dict(PRECISION="ieee", STATE_PRECISION="ieee")
+    return dict(PRECISION="tf32", STATE_PRECISION=STATE_PRECISION)
 
 
 def _is_power_of_two_in(x, lo, hi):
     return lo <= x <= hi and x & (x - 1) == 0
 
 
-def intra_chunk(q, k, v, b, i, m):
-    """num[t] = sum_{s<=t} P[t,s] v_s and den[t] = sum_{s<=t} P[t,s] for every chunk, where
-    P[t,s] = (q_t . k_s) exp(b_t - b_s + i_s - m_t). Differentiable in q, k, v, b, i (not m).
-    q, k: (B, NH, NC, L, DQK); v: (B, NH, NC, L, DV) in float32, float16 or bfloat16;
-    b, i, m: (B, NH, NC, L) float32. Returns num (B, NH, NC, L, DV) and den (B, NH, NC, L), float32."""
-    L, DQK, DV = q.size(-2), q.size(-1), v.size(-1)
+def mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=64, state=None, return_state=False, eps=1e-6):
+    """blalm.mlstm_chunkwise's contract, fused: q, k: (B, NH, T, DQK); v: (B, NH, T, DV) in float32, float16 or
+    bfloat16 (rows contiguous; other strides are fine); i, f: (B, NH, T) gate pre-activations; state (C, n, m)
+    or None (zero state) -> h (B, NH, T, DV) in v's dtype, and the final state (float32) when return_state.
+    Any T (the last chunk is padded inside the kernels). Differentiable in q, k, v, i, f and the state's C, n."""
+    B, NH, T, DQK = q.shape
+    DV = v.size(-1)
+    L = chunk_size
     if not _is_power_of_two_in(L, 16, 128):
         raise ValueError(f"chunk_size={L}: the Triton kernel needs a power of two in [16, 128] "
                          "(tl.dot needs >= 16; larger L x L blocks do not fit in registers)")
     for name, D in (("DQK", DQK), ("DV", DV)):
         if not _is_power_of_two_in(D, 16, 256):
             raise ValueError(f"{name}={D}: the Triton kernel needs a head size that is a power of two in [16, 256]")
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or any(x.shape != q.shape[:-1] for x in (b, i, m)):
-        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, b {tuple(b.shape)}, "
-                         f"i {tuple(i.shape)}, m {tuple(m.shape)} do not fit (B, NH, NC, L, D) / (B, NH, NC, L)")
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or i.shape != q.shape[:-1] or f.shape != q.shape[:-1]:
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
+                         f"f {tuple(f.shape)} do not fit (B, NH, T, D) / (B, NH, T)")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: the Triton kernel needs one of "
                          "float32, float16, bfloat16 for all three (float64: use kernel='torch')")
-    if any(x.dtype != torch.float32 for x in (b, i, m)):
-        raise ValueError(f"gate dtypes {b.dtype}, {i.dtype}, {m.dtype}: the Triton kernel needs float32")
     if not q.is_cuda and not INTERPRETED:
         raise ValueError(f"kernel='triton' needs CUDA tensors, got device {q.device}; on the CPU it runs only "
                          "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-    return IntraChunk.apply(q, k, v, b, i, m)
+    NC = (T + L - 1) // L
+    pad = NC * L - T
+    # padded steps forget nothing (log f = 0) and write nothing (i = -inf): the state passes through
+    lf = F.pad(F.logsigmoid(f.float()), (0, pad), value=0.0)
+    i = F.pad(i.float(), (0, pad), value=float("-inf"))
+    if state is None:
+        state = (q.new_zeros(B, NH, DQK, DV, dtype=torch.float32), q.new_zeros(B, NH, DQK, dtype=torch.float32),
+                 q.new_zeros(B, NH, dtype=torch.float32))
+    C0, n0, m0 = (s.float() for s in state)
+    h, C, n, m = ChunkwiseMLSTM.apply(q, k, v, lf, i, C0, n0, m0.detach(), L, eps)
+    return (h, (C, n, m)) if return_state else h

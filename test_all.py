@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import bench
 import blalm
 import decode
-from blalm import (_intra_chunk_torch, BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent,
+from blalm import (BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent,
                    mlstm_step, segsum)
 import common
 from common import load_checkpoint, parse_args, save_checkpoint
@@ -261,7 +261,7 @@ def test_mlstm_chunkwise_bfloat16_errs_like_flash_attention_where_sums_cancel():
 
 
 # =============================================================================
-# mlstm_triton.py: the optional Triton kernel for the chunkwise form's intra-chunk part
+# mlstm_triton.py: the optional fused Triton kernels for the whole chunkwise form
 #
 # The kernel runs on CUDA tensors, or on the CPU under the Triton interpreter, which has to be on
 # (TRITON_INTERPRET=1) before triton's kernels are defined. So the kernel tests run directly where the
@@ -350,25 +350,44 @@ def test_triton_kernel_matches_torch_kernel_wide_unequal_heads():
 
 
 @needs_kernel
-def test_triton_intra_chunk_gradients_match_torch_including_the_gates():
-    # the Function alone: d/db and d/di come from the kernel's row and column sums, checked against autograd
-    # through _intra_chunk_torch in float64 (m is a constant for both)
-    from mlstm_triton import intra_chunk
-    g = torch.Generator().manual_seed(5)
-    B, NH, NC, L, D = 1, 2, 3, 16, 16
-    q, k, v = (torch.randn(B, NH, NC, L, D, generator=g) for _ in range(3))
-    b = torch.cumsum(F.logsigmoid(4 * torch.randn(B, NH, NC, L, generator=g)), dim=-1)
-    i = 4 * torch.randn(B, NH, NC, L, generator=g)
-    m = b + torch.cummax(i - b, dim=-1).values
-    inputs = [x.to(KERNEL_DEVICE).requires_grad_() for x in (q, k, v, b, i)]
-    m = m.to(KERNEL_DEVICE)
+@pytest.mark.parametrize("T,chunk_size", [(53, 16), (5, 16)])
+def test_triton_kernel_states_in_and_out_and_their_gradients_match_float64(T, chunk_size):
+    # the final state the kernel returns, and the gradients of a loss on h and on that state with respect to the
+    # inputs and to the initial state's C and n, against the PyTorch chunkwise form in float64 (autograd through
+    # its state arithmetic); T = 5 is a single chunk shorter than chunk_size
+    g = torch.Generator().manual_seed(T)
+    B, NH, DQK, DV = 2, 2, 32, 16
+    q, k, v = (torch.randn(B, NH, T, D, generator=g) for D in (DQK, DQK, DV))
+    i, f = (8 * (2 * torch.rand(B, NH, T, generator=g) - 1) for _ in range(2))
+    C0, n0 = torch.randn(B, NH, DQK, DV, generator=g), torch.randn(B, NH, DQK, generator=g)
+    m0 = 2 * torch.ones(B, NH)
+    dh, dC, dn = torch.randn(B, NH, T, DV, generator=g), torch.randn(B, NH, DQK, DV, generator=g), \
+        torch.randn(B, NH, DQK, generator=g)
 
-    def both_outputs(fn, m):
-        return lambda *a: torch.cat([x.flatten() for x in fn(*a, m)])
-    got = outputs_and_grads(both_outputs(intra_chunk, m), inputs)
-    ref = outputs_and_grads(both_outputs(_intra_chunk_torch, m.double()), as_float64(inputs))
-    for name, a, b in zip(["num, den", "q", "k", "v", "b", "i"], got, ref):
-        assert rel_err(a, b) <= 1e-5, f"d{name} rel err {rel_err(a, b):.2e}"
+    def run(kernel, dtype):
+        leaves = [x.to(KERNEL_DEVICE, dtype).requires_grad_() for x in (q, k, v, i, f, C0, n0)]
+        h, (C, n, m) = mlstm_chunkwise(*leaves[:5], chunk_size=chunk_size, state=(*leaves[5:], m0.to(KERNEL_DEVICE, dtype)),
+                                       return_state=True, kernel=kernel)
+        loss = sum((x * w.to(KERNEL_DEVICE, dtype)).sum() for x, w in ((h, dh), (C, dC), (n, dn)))
+        return [h, C, n, m, *torch.autograd.grad(loss, leaves)]
+    got, ref = run("triton", torch.float32), run("torch", torch.float64)
+    for name, a, b in zip(["h", "C", "n", "m", "q", "k", "v", "i", "f", "C0", "n0"], got, ref):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) <= 2e-4, f"{name} rel err {rel_err(a, b):.2e}"
+
+
+@needs_kernel
+def test_triton_kernel_takes_the_models_strided_views_as_they_are():
+    # the model passes q, k, v as (B, T, NH, D) -> (B, NH, T, D) views (rows contiguous, heads strided): the
+    # kernels read them through their strides and must give what contiguous copies give, gradients included
+    q, k, v, i, f = mlstm_inputs(B=2, NH=3, T=37, seed=8)
+    views = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    assert not views[0].is_contiguous() and views[0].stride(-1) == 1
+    fn = lambda *a: mlstm_chunkwise(*a, chunk_size=16, kernel="triton")
+    got = outputs_and_grads(fn, views + [i.detach().requires_grad_(), f.detach().requires_grad_()])
+    ref = outputs_and_grads(fn, [x.detach().contiguous().requires_grad_() for x in (q, k, v, i, f)])
+    for name, a, b in zip(NAMES, got, ref):
+        assert torch.equal(a, b), name
 
 
 @needs_kernel
