@@ -26,11 +26,13 @@ over chunks for everything else; written here from the equations above):
                          (dC_c = exp(g + m_c - m_{c+1}) dC_{c+1} + sum_t init_t q_t (dh_t / den_t)^T)
             _bwd_qkv     grid (B*NH, NC): dq, dk, dv of one chunk, the L x L part recomputed, not stored
 
-The gates' gradients need no L x L sums: every term that holds k_s carries the factor exp(i_s), so
-d loss / d i_s = k_s . dk_s; a term from source s to target t has log-weight B_t - B_s + i_s (B the cumulative
-sum of lf over the sequence), so d loss / d B_t = q_t . dq_t - k_t . dk_t and d loss / d lf_r is its reversed
-cumulative sum (plus, when the final state is used, <dC, C> + <dn, n> at the end, for every r). The kernels
-keep these row dot products in float32; PyTorch adds up the (B, NH, T) vectors.
+The gates' gradients come from the same pass: the gradient of a pair's log-weight (source s, target t) is
+G = dP * P inside the chunk, q_t . dq_t's state part for sources before it, k_s . dk_s's state part for targets
+after it, and <C_c, dC_{c+1}> + <n_c, dn_{c+1}> (decayed) for what passes the whole chunk. Every pair with
+source s carries exp(i_s), so d loss / d i_s sums the pairs of source s; lf_r decays the pairs with s < r <= t,
+so d loss / d lf_r sums those -- all inside one chunk's registers, float32, the sums the PyTorch form's autograd
+forms too. (The shortcut d loss / d lf = a reversed cumulative sum of q . dq - k . dk over the whole sequence
+is exact in exact arithmetic, but it cancels large terms: 7x the error in d loss / d f, measured in bfloat16.)
 
 Precision follows the PyTorch form: q . k and P @ v take the input dtype (bfloat16: tensor cores), the states,
 the gates, the stabiliser and every sum are float32, the state products run as float32 with STATE_PRECISION
@@ -64,8 +66,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # to 10 mantissa bits (finer than the inputs' 7 or 10), "tf32x3" is float32 accuracy at three times the products
 STATE_PRECISION = "tf32"
 # launch shapes, by kernel: warps for the per-chunk kernels; the sequential state kernels split (DQK, DV) into
-# tiles until there are at least MIN_STATE_PROGRAMS programs (long sequences, small batches), down to 16 x 16
-NUM_WARPS = {"fwd_out": 4, "bwd_qkv": 8, "prep": 4, "states": 4}
+# tiles until there are at least MIN_STATE_PROGRAMS programs (long sequences, small batches), down to 16 x 16.
+# Chosen by results/kernels/sweep.py on an H200 (T = 2048 and 32768, 65,536 tokens, 12 heads x 64)
+NUM_WARPS = {"fwd_out": 4, "bwd_qkv": 4, "prep": 4, "states": 2}
 MIN_STATE_PROGRAMS = 264
 
 
@@ -120,8 +123,8 @@ def _fwd_states(K, V, Bg, Ig, CS, NS, MS, skb, skh, skt, svb, svh, svt, NH, T, N
 
 @triton.jit
 def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, MT, DEN, SIG,
-             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, shb, shh, sht, NH, T, NC, scale, eps,
-             L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, shb, shh, sht, NH, T, NC,
+             SCALE: tl.constexpr, EPS: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
     """h for one chunk of one head; m_t, den_t = max(|dd_t|, exp(-m_t)) + eps and sign_t (the sign of dd_t
     where |dd_t| is the larger, else 0) into MT, DEN, SIG (B*NH, NC*L)."""
@@ -136,7 +139,7 @@ def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, MT, DEN, SIG,
     logA = tl.where(t[None, :] <= t[:, None], b[:, None] - b[None, :] + i[None, :], float("-inf"))
     m = tl.maximum(b + m_in, tl.max(logA, axis=1))
     A = tl.exp(logA - m[:, None])
-    init = tl.exp(b + m_in - m) * scale                           # the entering state's weight (q's scale in it)
+    init = tl.exp(b + m_in - m) * SCALE                           # the entering state's weight (q's scale in it)
 
     S = tl.zeros((L, L), dtype=tl.float32)
     qn = tl.zeros((L,), dtype=tl.float32)
@@ -147,10 +150,10 @@ def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, MT, DEN, SIG,
         q = tl.load(qp, mask=rows, other=0.0)
         S = tl.dot(q, tl.trans(tl.load(kp, mask=rows, other=0.0)), S, input_precision=PRECISION)
         qn += tl.sum(q.to(tl.float32) * tl.load(NS + (bh * (NC + 1) + c) * DQK + d)[None, :], axis=1)
-    P = S * scale * A
+    P = S * SCALE * A
     dd = tl.sum(P, axis=1) + init * qn
     floor = tl.exp(-m)
-    den = tl.maximum(tl.abs(dd), floor) + eps
+    den = tl.maximum(tl.abs(dd), floor) + EPS
     tl.store(MT + bh * Tp + tok, m)
     tl.store(DEN + bh * Tp + tok, den)
     tl.store(SIG + bh * Tp + tok, tl.where(tl.abs(dd) > floor, tl.where(dd > 0, 1.0, -1.0), 0.0))
@@ -189,8 +192,8 @@ def _bwd_prep(DH, H, DEN, SIG, DDD, sdb, sdh, sdt, shb, shh, sht, NH, T, NC,
 
 
 @triton.jit
-def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, sdt, NH, T, NC, scale,
-                L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, sdt, NH, T, NC,
+                SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 PRECISION: tl.constexpr):
     """dC_c, dn_c (the gradients with respect to the state entering chunk c, c = NC-1..0) into DCS, DNS, shaped
     as CS, NS; index NC holds the final state's gradient (the caller writes it). One tile per program."""
@@ -210,7 +213,7 @@ def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, 
         m_in = tl.load(MS + bh * (NC + 1) + c)
         m_out = tl.load(MS + bh * (NC + 1) + c + 1)
         g = tl.load(Bg + bh * Tp + c * L + L - 1)
-        init = tl.exp(tl.load(Bg + bh * Tp + tok) + m_in - tl.load(MT + bh * Tp + tok)) * scale
+        init = tl.exp(tl.load(Bg + bh * Tp + tok) + m_in - tl.load(MT + bh * Tp + tok)) * SCALE
         qp, rows = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
         dp, _ = _rows(DH, sdb, sdh, sdt, bh, NH, tok, T, e)
         q = tl.load(qp, mask=rows, other=0.0).to(tl.float32)                          # (L, BK)
@@ -225,12 +228,12 @@ def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, 
 
 
 @triton.jit
-def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DVg, DG, DI,
-             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, NH, T, NC, scale,
-             L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DVg, DLF, DI,
+             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, NH, T, NC,
+             SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
-    """dq, dk, dv of one chunk of one head (written contiguous (B, NH, T, D)); DG = q . dq - k . dk (d loss / d B_t)
-    and DI = k . dk (d loss / d i), (B*NH, NC*L), float32."""
+    """dq, dk, dv of one chunk of one head (written contiguous (B, NH, T, D)); the gates' gradients d loss / d lf
+    and d loss / d i into DLF, DI (B*NH, NC*L), float32."""
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     t = tl.arange(0, L)
@@ -243,7 +246,7 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
     m_out = tl.load(MS + bh * (NC + 1) + c + 1)
     g = tl.load(Bg + bh * Tp + c * L + L - 1)
     A = tl.exp(tl.where(t[None, :] <= t[:, None], b[:, None] - b[None, :] + i[None, :], float("-inf")) - m[:, None])
-    init = tl.exp(b + m_in - m) * scale
+    init = tl.exp(b + m_in - m) * SCALE
     w = tl.exp(g - b + i - m_out)                      # token s's weight in the state leaving the chunk
     rden = 1.0 / tl.load(DEN + bh * Tp + tok)
     ddd = tl.load(DDD + bh * Tp + tok)
@@ -258,7 +261,7 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
         kp, _ = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
         S = tl.dot(tl.load(qp, mask=rows, other=0.0), tl.trans(tl.load(kp, mask=rows, other=0.0)), S,
                    input_precision=PRECISION)
-    P = S * scale * A
+    P = S * SCALE * A
 
     # dP = dnum v^T + ddd (P[t,s] enters num_t through v_s and dd_t with weight 1); dv = P^T dnum + w k dC_out
     dP = tl.zeros((L, L), dtype=tl.float32) + ddd[:, None]
@@ -278,16 +281,19 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
         dv = tl.dot(tl.trans(P.to(v.dtype)), dnum, input_precision=PRECISION) + w[:, None] * kdC
         tl.store(DVg + bh * T * DV + tok.to(tl.int64)[:, None] * DV + e[None, :], dv.to(DVg.dtype.element_ty),
                  mask=rows)
-    dS = (dP * A * scale)                               # the gradient of the raw scores q_t . k_s
+    dS = dP * A * SCALE                                 # the gradient of the raw scores q_t . k_s
+    G = dP * P                                          # the gradient of each pair's log-weight b_t - b_s + i_s
 
-    qdq = tl.zeros((L,), dtype=tl.float32)
-    kdk = tl.zeros((L,), dtype=tl.float32)
+    # dq_t += init_t (C_in dnum_t + ddd_t n_in), dk_s += w_s (dC_out v_s + dn_out): the states' parts; their
+    # row dot products with q and k are the gradients of the entering and leaving log-weights
+    g_in = tl.zeros((L,), dtype=tl.float32)
+    g_out = tl.zeros((L,), dtype=tl.float32)
+    g_pass = tl.zeros((1,), dtype=tl.float32)      # <C_in, dC_out> + <n_in, dn_out>: what passes the whole chunk
     for d0 in range(0, DQK, BK):
         d = d0 + tl.arange(0, BK)
         qp, rows = _rows(Q, sqb, sqh, sqt, bh, NH, tok, T, d)
         kp, _ = _rows(K, skb, skh, skt, bh, NH, tok, T, d)
         q, k = tl.load(qp, mask=rows, other=0.0), tl.load(kp, mask=rows, other=0.0)
-        # the states' parts: dq_t += init_t (C_in dnum_t + ddd_t n_in), dk_s += w_s (dC_out v_s + dn_out)
         dnC = tl.zeros((L, BK), dtype=tl.float32)
         vdC = tl.zeros((L, BK), dtype=tl.float32)
         for e0 in range(0, DV, BV):
@@ -296,21 +302,45 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
             dp, _ = _rows(DH, sdb, sdh, sdt, bh, NH, tok, T, e)
             dnum = tl.load(dp, mask=rows, other=0.0).to(tl.float32) * rden[:, None]
             state = d[None, :] * DV + e[:, None]                                      # (BV, BK): transposed
-            dnC = tl.dot(dnum, tl.load(cs + state), dnC, input_precision=STATE_PRECISION)
-            vdC = tl.dot(tl.load(vp, mask=rows, other=0.0).to(tl.float32), tl.load(dcs + state), vdC,
-                         input_precision=STATE_PRECISION)
+            C_in, dC_out = tl.load(cs + state), tl.load(dcs + state)
+            dnC = tl.dot(dnum, C_in, dnC, input_precision=STATE_PRECISION)
+            vdC = tl.dot(tl.load(vp, mask=rows, other=0.0).to(tl.float32), dC_out, vdC, input_precision=STATE_PRECISION)
+            g_pass += tl.sum(tl.sum(C_in * dC_out, axis=1), axis=0)
         n_in = tl.load(NS + (bh * (NC + 1) + c) * DQK + d)
         dn_out = tl.load(DNS + (bh * (NC + 1) + c + 1) * DQK + d)
-        dq = tl.dot(dS.to(k.dtype), k, input_precision=PRECISION) + \
-            init[:, None] * (dnC + ddd[:, None] * n_in[None, :])
-        dk = tl.dot(tl.trans(dS.to(q.dtype)), q, input_precision=PRECISION) + w[:, None] * (vdC + dn_out[None, :])
-        qdq += tl.sum(q.to(tl.float32) * dq, axis=1)
-        kdk += tl.sum(k.to(tl.float32) * dk, axis=1)
+        g_pass += tl.sum(n_in * dn_out, axis=0)
+        dq_in = init[:, None] * (dnC + ddd[:, None] * n_in[None, :])
+        dk_out = w[:, None] * (vdC + dn_out[None, :])
+        g_in += tl.sum(q.to(tl.float32) * dq_in, axis=1)
+        g_out += tl.sum(k.to(tl.float32) * dk_out, axis=1)
+        dq = _dot_split(dS, k, dq_in, PRECISION)
+        dk = _dot_split(tl.trans(dS), q, dk_out, PRECISION)
         off = out + tok.to(tl.int64)[:, None] * DQK + d[None, :]
         tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=rows)
         tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=rows)
-    tl.store(DG + bh * Tp + tok, qdq - kdk)
-    tl.store(DI + bh * Tp + tok, kdk)
+
+    # d loss / d lf_r sums the gradients of the log-weights of the pairs (s, t) with s < r <= t: inside the chunk
+    # (the reversed cumulative sum of rows - cols), from before the chunk to t >= r, from s < r to after the chunk,
+    # and from before to after it (exp(g) decays what passes through)
+    rows_G, cols_G = tl.sum(G, axis=1), tl.sum(G, axis=0)
+    after = t[None, :] >= t[:, None]                                                  # [r, t]: t >= r
+    x = rows_G - cols_G + g_in
+    dlf = tl.sum(tl.where(after, x[None, :], 0.0), axis=1) + tl.sum(tl.where(after, 0.0, g_out[None, :]), axis=1)
+    dlf += tl.sum(tl.exp(g + m_in - m_out) * g_pass, axis=0)
+    tl.store(DLF + bh * Tp + tok, dlf)
+    tl.store(DI + bh * Tp + tok, cols_G + g_out)                      # every pair with source s carries exp(i_s)
+
+
+@triton.jit
+def _dot_split(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for a float32 a and a b of the inputs' dtype: a half-precision b takes a as two half-precision
+    parts (a = hi + lo, ~16 bits), two products at the tensor cores' half-precision rate, nothing rounded away
+    that float32 products would keep (a float32 b: one float32 product)."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    hi = a.to(b.dtype)
+    lo = (a - hi.to(tl.float32)).to(b.dtype)
+    return tl.dot(lo, b, tl.dot(hi, b, acc, input_precision=PRECISION), input_precision=PRECISION)
 
 
 def _strides(x):
@@ -362,7 +392,7 @@ class ChunkwiseMLSTM(torch.autograd.Function):
         h = torch.empty(B, NH, T, DV, dtype=q.dtype, device=q.device)
         MT, DEN, SIG = (torch.empty(B, NH, NC * L, **f32) for _ in range(3))
         _fwd_out[(BH, NC)](q, k, v, b, i, CS, NS, MS, h, MT, DEN, SIG, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(h), NH, T, NC, 1.0 / math.sqrt(DQK), eps,
+                           *_strides(h), NH, T, NC, SCALE=1.0 / math.sqrt(DQK), EPS=eps,
                            L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, num_warps=NUM_WARPS["fwd_out"])
         ctx.save_for_backward(q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h)
         ctx.L = L
@@ -389,18 +419,15 @@ class ChunkwiseMLSTM(torch.autograd.Function):
         DCS[:, :, NC], DNS[:, :, NC] = dC_end, dn_end
         BK, BV = _state_tiles(BH, DQK, DV)
         _bwd_states[(BH, DQK // BK, DV // BV)](q, dh, b, MS, MT, DEN, DDD, DCS, DNS, *_strides(q), *_strides(dh),
-                                               NH, T, NC, scale, L=L, DQK=DQK, DV=DV, BK=BK, BV=BV,
+                                               NH, T, NC, SCALE=scale, L=L, DQK=DQK, DV=DV, BK=BK, BV=BV,
                                                PRECISION=p["STATE_PRECISION"], num_warps=NUM_WARPS["states"])
         dq, dk = (torch.empty(B, NH, T, DQK, dtype=q.dtype, device=q.device) for _ in range(2))
         dv = torch.empty(B, NH, T, DV, dtype=v.dtype, device=v.device)
-        DG, DI = torch.empty(B, NH, NC * L, **f32), torch.empty(B, NH, NC * L, **f32)
-        _bwd_qkv[(BH, NC)](q, k, v, dh, b, i, CS, NS, MS, MT, DEN, DDD, DCS, DNS, dq, dk, dv, DG, DI,
-                           *_strides(q), *_strides(k), *_strides(v), *_strides(dh), NH, T, NC, scale,
+        dlf, di = torch.empty(B, NH, NC * L, **f32), torch.empty(B, NH, NC * L, **f32)
+        _bwd_qkv[(BH, NC)](q, k, v, dh, b, i, CS, NS, MS, MT, DEN, DDD, DCS, DNS, dq, dk, dv, dlf, di,
+                           *_strides(q), *_strides(k), *_strides(v), *_strides(dh), NH, T, NC, SCALE=scale,
                            L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, num_warps=NUM_WARPS["bwd_qkv"])
-        # d loss / d lf_r = sum_{t >= r} (q_t . dq_t - k_t . dk_t), plus the final state's <dC, C> + <dn, n>
-        end = (dC_end * CS[:, :, NC]).sum((-2, -1)) + (dn_end * NS[:, :, NC]).sum(-1)
-        dlf = DG.flip(-1).cumsum(-1).flip(-1) + end[..., None]
-        return dq, dk, dv, dlf, DI, DCS[:, :, 0], DNS[:, :, 0], None, None, None
+        return dq, dk, dv, dlf, di, DCS[:, :, 0], DNS[:, :, 0], None, None, None
 
 
 def _precisions(q):
