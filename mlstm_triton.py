@@ -20,7 +20,8 @@ over chunks for everything else; written here from the equations above):
 
   forward   _fwd_states  grid (B*NH, state tiles): walks the chunks in order, stores every C_c, n_c, m_c
             _fwd_out     grid (B*NH, NC): one chunk: its L x L part in registers plus the entering state -> h;
-                         keeps m_t, the denominator and the sign of dd_t (which branch of the max) for backward
+                         keeps m_t, the denominator, the sign of dd_t (which branch of the max) and, for
+                         bfloat16/float16 inputs, h in float32 for backward
   backward  _bwd_prep    grid (B*NH, NC): ddd_t = d loss / d dd_t = -(dh_t . h_t) sign_t / den_t
             _bwd_states  grid (B*NH, state tiles): walks the chunks backwards, stores d loss / d C_c, d n_c
                          (dC_c = exp(g + m_c - m_{c+1}) dC_{c+1} + sum_t init_t q_t (dh_t / den_t)^T)
@@ -122,12 +123,14 @@ def _fwd_states(K, V, Bg, Ig, CS, NS, MS, skb, skh, skt, svb, svh, svt, NH, T, N
 
 
 @triton.jit
-def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, MT, DEN, SIG,
+def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, H32, MT, DEN, SIG,
              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, shb, shh, sht, NH, T, NC,
-             SCALE: tl.constexpr, EPS: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
-    """h for one chunk of one head; m_t, den_t = max(|dd_t|, exp(-m_t)) + eps and sign_t (the sign of dd_t
-    where |dd_t| is the larger, else 0) into MT, DEN, SIG (B*NH, NC*L)."""
+             SCALE: tl.constexpr, EPS: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+             SAVE_H32: tl.constexpr):
+    """h for one chunk of one head (with SAVE_H32 also a float32 copy into H32, contiguous); m_t,
+    den_t = max(|dd_t|, exp(-m_t)) + eps and sign_t (the sign of dd_t where |dd_t| is the larger, else 0) into
+    MT, DEN, SIG (B*NH, NC*L)."""
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     t = tl.arange(0, L)
@@ -169,14 +172,18 @@ def _fwd_out(Q, K, V, Bg, Ig, CS, NS, MS, H, MT, DEN, SIG,
             Cc = tl.load(CS + ((bh * (NC + 1) + c) * DQK + d[:, None]) * DV + e[None, :])
             qC = tl.dot(tl.load(qp, mask=rows, other=0.0).to(tl.float32), Cc, qC, input_precision=STATE_PRECISION)
         num = tl.dot(P.to(v.dtype), v, input_precision=PRECISION) + init[:, None] * qC
+        h = num / den[:, None]
         hp, _ = _rows(H, shb, shh, sht, bh, NH, tok, T, e)
-        tl.store(hp, (num / den[:, None]).to(H.dtype.element_ty), mask=rows)
+        tl.store(hp, h.to(H.dtype.element_ty), mask=rows)
+        if SAVE_H32:
+            tl.store(H32 + bh * T * DV + tok.to(tl.int64)[:, None] * DV + e[None, :], h, mask=rows)
 
 
 @triton.jit
 def _bwd_prep(DH, H, DEN, SIG, DDD, sdb, sdh, sdt, shb, shh, sht, NH, T, NC,
               L: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
-    """ddd_t = d loss / d dd_t = -(dh_t . h_t) sign_t / den_t into DDD (B*NH, NC*L)."""
+    """ddd_t = d loss / d dd_t = -(dh_t . h_t) sign_t / den_t into DDD (B*NH, NC*L); h float32 (rounded to
+    bfloat16 it made d loss / d i err 1.3x the PyTorch form's, measured)."""
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     tok = c * L + tl.arange(0, L)
@@ -193,8 +200,8 @@ def _bwd_prep(DH, H, DEN, SIG, DDD, sdb, sdh, sdt, shb, shh, sht, NH, T, NC,
 
 @triton.jit
 def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, sdt, NH, T, NC,
-                SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                PRECISION: tl.constexpr):
+                SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, PRECISION: tl.constexpr):
     """dC_c, dn_c (the gradients with respect to the state entering chunk c, c = NC-1..0) into DCS, DNS, shaped
     as CS, NS; index NC holds the final state's gradient (the caller writes it). One tile per program."""
     bh = tl.program_id(0).to(tl.int64)
@@ -230,8 +237,8 @@ def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, 
 @triton.jit
 def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DVg, DLF, DI,
              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, NH, T, NC,
-             SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
+             SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+             BV: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
     """dq, dk, dv of one chunk of one head (written contiguous (B, NH, T, D)); the gates' gradients d loss / d lf
     and d loss / d i into DLF, DI (B*NH, NC*L), float32."""
     bh = tl.program_id(0).to(tl.int64)
@@ -390,18 +397,22 @@ class ChunkwiseMLSTM(torch.autograd.Function):
                                                L=L, DQK=DQK, DV=DV, BK=BK, BV=BV, PRECISION=p["STATE_PRECISION"],
                                                num_warps=NUM_WARPS["states"])
         h = torch.empty(B, NH, T, DV, dtype=q.dtype, device=q.device)
+        # backward needs h in float32: a copy when h is rounded and a gradient will be asked for
+        save_h32 = q.dtype != torch.float32 and any(x.requires_grad for x in (q, k, v, lf, i, C0, n0))
+        h32 = torch.empty(B, NH, T, DV, **f32) if save_h32 else h
         MT, DEN, SIG = (torch.empty(B, NH, NC * L, **f32) for _ in range(3))
-        _fwd_out[(BH, NC)](q, k, v, b, i, CS, NS, MS, h, MT, DEN, SIG, *_strides(q), *_strides(k), *_strides(v),
+        _fwd_out[(BH, NC)](q, k, v, b, i, CS, NS, MS, h, h32, MT, DEN, SIG, *_strides(q), *_strides(k), *_strides(v),
                            *_strides(h), NH, T, NC, SCALE=1.0 / math.sqrt(DQK), EPS=eps,
-                           L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, num_warps=NUM_WARPS["fwd_out"])
-        ctx.save_for_backward(q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h)
+                           L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, SAVE_H32=save_h32,
+                           num_warps=NUM_WARPS["fwd_out"])
+        ctx.save_for_backward(q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h32)
         ctx.L = L
         # copies: the outputs must not be views of what backward reads
         return h, CS[:, :, NC].clone(), NS[:, :, NC].clone(), MS[:, :, NC].clone()
 
     @staticmethod
     def backward(ctx, dh, dC_end, dn_end, _dm_end):
-        q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h = ctx.saved_tensors
+        q, k, v, b, i, CS, NS, MS, MT, DEN, SIG, h32 = ctx.saved_tensors
         L = ctx.L
         dh = _rowwise(dh)
         B, NH, T, DQK = q.shape
@@ -412,7 +423,7 @@ class ChunkwiseMLSTM(torch.autograd.Function):
         p = _precisions(q)
         f32 = dict(dtype=torch.float32, device=q.device)
         DDD = torch.empty(B, NH, NC * L, **f32)
-        _bwd_prep[(BH, NC)](dh, h, DEN, SIG, DDD, *_strides(dh), *_strides(h), NH, T, NC,
+        _bwd_prep[(BH, NC)](dh, h32, DEN, SIG, DDD, *_strides(dh), *_strides(h32), NH, T, NC,
                             L=L, DV=DV, BV=min(DV, 64), num_warps=NUM_WARPS["prep"])
         DCS = torch.empty(B, NH, NC + 1, DQK, DV, **f32)
         DNS = torch.empty(B, NH, NC + 1, DQK, **f32)

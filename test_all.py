@@ -391,6 +391,24 @@ def test_triton_kernel_takes_the_models_strided_views_as_they_are():
 
 
 @needs_kernel
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="bfloat16 products need the GPU (numpy has no bfloat16)")
+@pytest.mark.parametrize("gate_range", [2.0, 8.0])
+def test_triton_kernel_in_bfloat16_errs_no_more_than_the_torch_form(gate_range):
+    # issue 18's numerics target: against float64 on the same bfloat16 inputs, the fused kernel's output and
+    # gradients err no more than the PyTorch chunkwise form's in bfloat16 (25% allowed: two summation orders)
+    inputs = [x.detach().to(torch.bfloat16) for x in mlstm_inputs(B=2, NH=4, T=512, DQK=64, DV=64,
+                                                                   gate_range=gate_range, seed=9)]
+    ref = outputs_and_grads(mlstm_chunkwise, [x.double().requires_grad_() for x in inputs])
+    errs = {}
+    for kernel in ("torch", "triton"):
+        got = outputs_and_grads(lambda *a: mlstm_chunkwise(*a, kernel=kernel),
+                                [x.clone().requires_grad_() for x in inputs])
+        errs[kernel] = [rel_err(a, b) for a, b in zip(got, ref)]
+    for name, e_triton, e_torch in zip(NAMES, errs["triton"], errs["torch"]):
+        assert e_triton <= 1.25 * e_torch, f"d{name}: triton {e_triton:.2e}, torch {e_torch:.2e}"
+
+
+@needs_kernel
 def test_triton_kernel_stays_finite_for_gates_at_the_contract_limits():
     inputs = mlstm_inputs(T=64, gate_range=100.0, seed=6)
     with torch.no_grad():

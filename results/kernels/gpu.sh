@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 18, one device call of about 8 minutes on one GPU, in order of what the issue's targets need first:
+# Issue 18, one device call of about 6 minutes on one GPU, in order of what the issue's targets need first:
 #   1. the Triton tests on CUDA (mlstm_triton.py, conv_triton.py, the fused convolution in a training layer)
 #   2. numerics: the fused chunkwise kernel and the PyTorch form in bfloat16 against float64 (numerics.py)
-#   3. the fused kernel's profile and launch-shape sweep at T=2048 and 32768 (sweep.py)
+#   3. with SWEEP=1: the fused kernel's profile and launch-shape sweep at T=2048 and 32768 (sweep.py)
 #   4. the kernels suite: this project's chunkwise mLSTM (compiled; PyTorch and the fused Triton kernels) against
 #      SDPA and NX-AI's TFLA kernel (mlstm_kernels, in a process of its own); the short convolution
 #   5. the training step at T=512 and 2048: BLaLM (PyTorch), BLaLM with the Triton kernels, the softmax baseline
-#   6. flash-linear-attention's chunk_simple_gla beside SDPA, only when FLA=1 (it autotunes ~100 kernel
+#   6. the training step's profile, kernel by kernel (profile_step.py)
+#   7. flash-linear-attention's chunk_simple_gla beside SDPA, only when FLA=1 (it autotunes ~100 kernel
 #      configurations on its first call: more than the 100 s it got in the last call)
 # The peers' wheels come from .whl/ (pure Python; the image has torch, triton and einops). Every part runs under
 # a time limit cut from one budget, so a failure or a hang costs only its own part.
@@ -15,7 +16,7 @@
 #                                         TRAIN_LENGTHS=512,2048 TRAIN_ONLY='*' for the whole train suite)
 #
 # $OUT gets summary.txt (versions, each part's command, exit status and seconds), and NAME.log (+ NAME.json) for
-# NAME = tests, numerics, sweep2k, sweep32k, kernels, train (, fla).
+# NAME = tests, numerics, kernels, train, profile (, sweep2k, sweep32k, fla): 8 files without the optional parts.
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -69,11 +70,13 @@ fi
 part tests 100 20 $PY -m pytest -q -rs -p no:cacheprovider -k "triton and not interpreter" test_all.py
 
 # 2. numerics (about 20 s)
-part numerics 60 15 $PY results/kernels/numerics.py --json="$OUT/numerics.json"
+part numerics 60 15 $PY results/kernels/numerics.py
 
-# 3. where the fused kernel's time goes, and its launch shapes (about a minute each; Triton's cache is shared)
-part sweep2k 100 30 $PY results/kernels/sweep.py --T=2048 --json="$OUT/sweep2k.json"
-part sweep32k 60 20 $PY results/kernels/sweep.py --T=32768 --repeat=5 --json="$OUT/sweep32k.json"
+# 3. where the fused kernel's time goes, and its launch shapes (half a minute each), when SWEEP=1
+if [ "${SWEEP:-0}" = 1 ]; then
+  part sweep2k 100 30 $PY results/kernels/sweep.py --T=2048
+  part sweep32k 60 20 $PY results/kernels/sweep.py --T=32768 --repeat=5
+fi
 
 # 4. SDPA, ours compiled, NX-AI's TFLA, the short convolution (about two minutes: every length compiled afresh)
 part kernels 200 30 $PY bench.py --suite=kernels --json="$OUT/kernels.json" --peer_timeout=100 \
@@ -83,7 +86,10 @@ part kernels 200 30 $PY bench.py --suite=kernels --json="$OUT/kernels.json" --pe
 part train 200 70 $PY bench.py --suite=train --train_lengths="${TRAIN_LENGTHS:-512,2048}" \
   --only="${TRAIN_ONLY:-blalm,blalm triton,softmax}" --json="$OUT/train.json"
 
-# 6. fla's chunk_simple_gla beside SDPA, with the rest of the budget, when asked for
+# 6. the training step's GPU time by kernel, BLaLM with the Triton kernels and softmax (about 40 s)
+part profile 90 30 $PY results/kernels/profile_step.py --T=512
+
+# 7. fla's chunk_simple_gla beside SDPA, with the rest of the budget, when asked for
 if [ "${FLA:-0}" = 1 ]; then
   T_FLA=$(( $(left) - 25 ))
   part fla 600 40 $PY bench.py --suite=kernels --json="$OUT/fla.json" --peer_timeout="$(( T_FLA > 20 ? T_FLA : 20 ))" \
