@@ -430,31 +430,20 @@ class MLSTMLayer(nn.Module):
         C = x.size(-1)
         qkv = self.short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), cache)
         q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
-        i, f, mod = self.gates(x)                                                   # (B, NH, T) each
+        i = self._cap(self.i_gate(x)).transpose(1, 2)                               # (B, NH, T)
+        f = self._cap(self.f_gate(x)).transpose(1, 2)
         qm, km = (self.fmap_q(q), self.fmap_k(k)) if self.feature_map == "hedgehog" else (q, k)
         h = self.mlstm(qm, km, v, i, f, cache)
         h = F.layer_norm(h.float(), (self.D,)).to(x.dtype)                          # per-head norm
         if self.window:
             y = self.swa(q, k, v, cache, pos)
             if self.modulation:
-                g = torch.sigmoid(mod)[..., None]                                   # (B, NH, T, 1)
+                g = torch.sigmoid(self.mod_gate(x)).transpose(1, 2)[..., None]      # (B, NH, T, 1)
                 h = h + g * y
             else:
                 h = 0.5 * (h + y)
         y = _merge(h) * self.norm_weight * torch.sigmoid(self.o_gate(x))
         return self.c_proj(y)
-
-    def gates(self, x):
-        """The input and forget gates (soft-capped) and the modulation gate's logits (None without it), each
-        (B, NH, T), from one matrix product: the gates' (NH, C) weights stacked, with zero rows up to a multiple of
-        8. Three products with NH outputs each (7 at the strict_small shape) make cuBLAS take unaligned kernels:
-        3.3 ms of a 53 ms training step on the H200 (results/kernels/h200/profile.log)."""
-        layers = [self.i_gate, self.f_gate] + ([self.mod_gate] if self.window and self.modulation else [])
-        W, b = torch.cat([g.weight for g in layers]), torch.cat([g.bias for g in layers])
-        pad = -W.size(0) % 8
-        out = F.linear(x, F.pad(W, (0, 0, 0, pad)), F.pad(b, (0, pad))).transpose(1, 2)   # (B, 8k, T)
-        i, f, mod = out[:, :self.n_head], out[:, self.n_head:2 * self.n_head], out[:, 2 * self.n_head:3 * self.n_head]
-        return self._cap(i), self._cap(f), (mod if len(layers) == 3 else None)
 
     def short_conv(self, qkv, cache):
         """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j} (causal_conv). The

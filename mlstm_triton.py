@@ -236,11 +236,10 @@ def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, 
 
 @triton.jit
 def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DVg, DLF, DI,
-             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-             sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, NH, T, NC,
+             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, NH, T, NC,
              SCALE: tl.constexpr, L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
              BV: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
-    """dq, dk, dv of one chunk of one head (strides sgq.., sgk.., sgv..); the gates' gradients d loss / d lf
+    """dq, dk, dv of one chunk of one head (written contiguous (B, NH, T, D)); the gates' gradients d loss / d lf
     and d loss / d i into DLF, DI (B*NH, NC*L), float32."""
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
@@ -260,6 +259,7 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
     ddd = tl.load(DDD + bh * Tp + tok)
     cs = CS + (bh * (NC + 1) + c) * DQK * DV           # the state entering the chunk
     dcs = DCS + (bh * (NC + 1) + c + 1) * DQK * DV     # the gradient of the state leaving it
+    out = bh * T * DQK                                 # dq, dk: contiguous (B, NH, T, DQK); dv: (B, NH, T, DV)
 
     S = tl.zeros((L, L), dtype=tl.float32)
     for d0 in range(0, DQK, BK):
@@ -286,8 +286,8 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
             kdC = tl.dot(tl.load(kp, mask=rows, other=0.0).to(tl.float32),
                          tl.load(dcs + d[:, None] * DV + e[None, :]), kdC, input_precision=STATE_PRECISION)
         dv = tl.dot(tl.trans(P.to(v.dtype)), dnum, input_precision=PRECISION) + w[:, None] * kdC
-        gvp, _ = _rows(DVg, sgvb, sgvh, sgvt, bh, NH, tok, T, e)
-        tl.store(gvp, dv.to(DVg.dtype.element_ty), mask=rows)
+        tl.store(DVg + bh * T * DV + tok.to(tl.int64)[:, None] * DV + e[None, :], dv.to(DVg.dtype.element_ty),
+                 mask=rows)
     dS = dP * A * SCALE                                 # the gradient of the raw scores q_t . k_s
     G = dP * P                                          # the gradient of each pair's log-weight b_t - b_s + i_s
 
@@ -322,10 +322,9 @@ def _bwd_qkv(Q, K, V, DH, Bg, Ig, CS, NS, MS, MT, DEN, DDD, DCS, DNS, DQ, DK, DV
         g_out += tl.sum(k.to(tl.float32) * dk_out, axis=1)
         dq = _dot_split(dS, k, dq_in, PRECISION)
         dk = _dot_split(tl.trans(dS), q, dk_out, PRECISION)
-        gqp, _ = _rows(DQ, sgqb, sgqh, sgqt, bh, NH, tok, T, d)
-        gkp, _ = _rows(DK, sgkb, sgkh, sgkt, bh, NH, tok, T, d)
-        tl.store(gqp, dq.to(DQ.dtype.element_ty), mask=rows)
-        tl.store(gkp, dk.to(DK.dtype.element_ty), mask=rows)
+        off = out + tok.to(tl.int64)[:, None] * DQK + d[None, :]
+        tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=rows)
+        tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=rows)
 
     # d loss / d lf_r sums the gradients of the log-weights of the pairs (s, t) with s < r <= t: inside the chunk
     # (the reversed cumulative sum of rows - cols), from before the chunk to t >= r, from s < r to after the chunk,
@@ -359,15 +358,6 @@ def _rowwise(x):
     """x itself when its rows (last dim) are contiguous, which is all the kernels need (no copy of the
     (B, T, NH, D) -> (B, NH, T, D) views the model passes); a contiguous copy otherwise."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _empty_like(x):
-    """An uninitialised (B, NH, T, D) tensor laid out as x is: heads inside time ((B, T, NH, D) in memory: the
-    model's views of its projections, and what they merge back into) or time inside heads (contiguous)."""
-    B, NH, T, D = x.shape
-    if x.stride(1) < x.stride(2):
-        return torch.empty(B, T, NH, D, dtype=x.dtype, device=x.device).transpose(1, 2)
-    return torch.empty(B, NH, T, D, dtype=x.dtype, device=x.device)
 
 
 def _state_tiles(BH, DQK, DV):
@@ -406,7 +396,7 @@ class ChunkwiseMLSTM(torch.autograd.Function):
         _fwd_states[(BH, DQK // BK, DV // BV)](k, v, b, i, CS, NS, MS, *_strides(k), *_strides(v), NH, T, NC,
                                                L=L, DQK=DQK, DV=DV, BK=BK, BV=BV, PRECISION=p["STATE_PRECISION"],
                                                num_warps=NUM_WARPS["states"])
-        h = _empty_like(v)
+        h = torch.empty(B, NH, T, DV, dtype=q.dtype, device=q.device)
         # backward needs h in float32: a copy when h is rounded and a gradient will be asked for
         save_h32 = q.dtype != torch.float32 and any(x.requires_grad for x in (q, k, v, lf, i, C0, n0))
         h32 = torch.empty(B, NH, T, DV, **f32) if save_h32 else h
@@ -442,11 +432,11 @@ class ChunkwiseMLSTM(torch.autograd.Function):
         _bwd_states[(BH, DQK // BK, DV // BV)](q, dh, b, MS, MT, DEN, DDD, DCS, DNS, *_strides(q), *_strides(dh),
                                                NH, T, NC, SCALE=scale, L=L, DQK=DQK, DV=DV, BK=BK, BV=BV,
                                                PRECISION=p["STATE_PRECISION"], num_warps=NUM_WARPS["states"])
-        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        dq, dk = (torch.empty(B, NH, T, DQK, dtype=q.dtype, device=q.device) for _ in range(2))
+        dv = torch.empty(B, NH, T, DV, dtype=v.dtype, device=v.device)
         dlf, di = torch.empty(B, NH, NC * L, **f32), torch.empty(B, NH, NC * L, **f32)
         _bwd_qkv[(BH, NC)](q, k, v, dh, b, i, CS, NS, MS, MT, DEN, DDD, DCS, DNS, dq, dk, dv, dlf, di,
-                           *_strides(q), *_strides(k), *_strides(v), *_strides(dh), *_strides(dq), *_strides(dk),
-                           *_strides(dv), NH, T, NC, SCALE=scale,
+                           *_strides(q), *_strides(k), *_strides(v), *_strides(dh), NH, T, NC, SCALE=scale,
                            L=L, DQK=DQK, DV=DV, BK=min(DQK, 64), BV=min(DV, 64), **p, num_warps=NUM_WARPS["bwd_qkv"])
         return dq, dk, dv, dlf, di, DCS[:, :, 0], DNS[:, :, 0], None, None, None
 
