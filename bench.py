@@ -5,7 +5,7 @@ Performance benchmarks: a table on stdout and the numbers in JSON.
 
 kernels  forward+backward of the sequence mixers at a fixed B*T tokens, 12 heads of 64, bfloat16:
          SDPA causal (flash), sliding-window attention (blocked SDPA, flex_attention), the
-         mLSTM parallel (where it fits), chunkwise eager and compiled (and with the Triton intra-chunk
+         mLSTM parallel (where it fits), chunkwise eager and compiled (and with the fused Triton
          kernel, eager and compiled, when triton is installed), Hedgehog linear attention compiled;
          median ms, the ratio to SDPA at the same length, peak memory, compile time (every length compiled
          afresh). Where installed, the peers, each in a subprocess of its own (a kernel that aborts the
@@ -137,7 +137,7 @@ def bench_kernels(c, device, gpu):
     dtype = torch.bfloat16 if gpu else torch.float32
     # compiled afresh for every length: static shapes, as in training, and each length's compile time measured
     compile = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if gpu else (lambda fn: fn)  # CPU: eager
-    # the optional Triton kernel for step (c) (mlstm_triton.py): eager, and compiled around it -- the autograd
+    # the optional fused Triton kernels (mlstm_triton.py): eager, and compiled around it -- the autograd
     # Function that launches the kernels sits inside the graph torch.compile captures
     with_triton = gpu and importlib.util.find_spec("triton") is not None
     chunk_triton = lambda q, k, v, i, f: mlstm_chunkwise(q, k, v, i, f, kernel="triton")
@@ -365,7 +365,7 @@ def bench_short_conv(c, device, gpu):
 
 
 def model_pair(gpu, T):
-    """BLaLM (the strict_small shape), with the Triton intra-chunk kernel too where triton is installed,
+    """BLaLM (the strict_small shape), with the fused Triton kernels too where triton is installed,
     and the softmax baseline of the same width and depth."""
     shape = dict(n_layer=12, n_head=7, n_embd=448, vocab_size=16384) if gpu else \
         dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256)

@@ -543,7 +543,7 @@ class BLaLMConfig:
     mixer: str = "mlstm"            # "mlstm" (BLaLM) | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
     mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
     chunk_size: int = 64            # chunk length of the chunkwise forms
-    mlstm_kernel: str = "torch"     # "torch" | "triton": fused Triton kernels for the chunkwise intra-chunk part and the
+    mlstm_kernel: str = "torch"     # "torch" | "triton": fused Triton kernels for the whole chunkwise form and the
                                     # short convolution in training (optional, CUDA only)
     short_conv: int = 4             # causal depthwise conv kernel on q, k, v (0 = off)
     swa_window: int = 64            # sliding-window attention branch beside the mLSTM (0 = off)

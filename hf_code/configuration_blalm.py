@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # never run: transformers < 5 copies out of a local folder on
     from .conv_triton import short_conv
     from .decode import StaticCache
     from .hedgehog import linear_attention_chunkwise
-    from .mlstm_triton import intra_chunk
+    from .mlstm_triton import mlstm_chunkwise_triton
 
 
 class BLaLMHFConfig(PretrainedConfig):
