@@ -82,19 +82,25 @@ def _rows(X, sb, sh, st, bh, NH, tok, T, col):
 
 
 @triton.jit
+def _state_tile(S, N, NC, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """For a program (bh, ik, iv) of the state kernels: bh, its tile's rows d and columns e, and pointers to that
+    tile of the states S (B*NH, NC+1, DQK, DV) and to its BK slice of N (B*NH, NC+1, DQK), at state index 0."""
+    bh = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BK + tl.arange(0, BK)
+    e = tl.program_id(2) * BV + tl.arange(0, BV)
+    return bh, d, e, S + bh * (NC + 1) * DQK * DV + d[:, None] * DV + e[None, :], N + bh * (NC + 1) * DQK + d
+
+
+@triton.jit
 def _fwd_states(K, V, Bg, Ig, CS, NS, MS, skb, skh, skt, svb, svh, svt, NH, T, NC,
                 L: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 PRECISION: tl.constexpr):
     """C_c, n_c, m_c for c = 1..NC into CS (B*NH, NC+1, DQK, DV), NS (B*NH, NC+1, DQK), MS (B*NH, NC+1);
     index 0 holds the initial state (the caller writes it). One (BK, BV) tile of C per program."""
-    bh = tl.program_id(0).to(tl.int64)
+    bh, d, e, cs, ns = _state_tile(CS, NS, NC, DQK, DV, BK, BV)
     ik, iv = tl.program_id(1), tl.program_id(2)
     t = tl.arange(0, L)
-    d = ik * BK + tl.arange(0, BK)
-    e = iv * BV + tl.arange(0, BV)
     Tp = NC * L
-    cs = CS + bh * (NC + 1) * DQK * DV + d[:, None] * DV + e[None, :]
-    ns = NS + bh * (NC + 1) * DQK + d
     C = tl.load(cs)
     n = tl.load(ns)
     m = tl.load(MS + bh * (NC + 1))
@@ -204,14 +210,10 @@ def _bwd_states(Q, DH, Bg, MS, MT, DEN, DDD, DCS, DNS, sqb, sqh, sqt, sdb, sdh, 
                 BV: tl.constexpr, PRECISION: tl.constexpr):
     """dC_c, dn_c (the gradients with respect to the state entering chunk c, c = NC-1..0) into DCS, DNS, shaped
     as CS, NS; index NC holds the final state's gradient (the caller writes it). One tile per program."""
-    bh = tl.program_id(0).to(tl.int64)
-    ik, iv = tl.program_id(1), tl.program_id(2)
+    bh, d, e, dcs, dns = _state_tile(DCS, DNS, NC, DQK, DV, BK, BV)
+    iv = tl.program_id(2)
     t = tl.arange(0, L)
-    d = ik * BK + tl.arange(0, BK)
-    e = iv * BV + tl.arange(0, BV)
     Tp = NC * L
-    dcs = DCS + bh * (NC + 1) * DQK * DV + d[:, None] * DV + e[None, :]
-    dns = DNS + bh * (NC + 1) * DQK + d
     dC = tl.load(dcs + NC * DQK * DV)
     dn = tl.load(dns + NC * DQK)
     c = NC - 1
