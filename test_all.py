@@ -3583,7 +3583,7 @@ def test_readers_on_the_shared_suite_files():
     assert list(suite) == ["blimp_filtered", "supplement_filtered", "entity_tracking", "wug_adj_nominalization"]
     lines = lambda task: sum(len(p.read_bytes().splitlines()) for p in (SUITE / task).glob("*.jsonl"))
     assert {t: len(v) for t, v in suite.items()} == {t: lines(t) for t in suite}
-    assert len(suite["blimp_filtered"]) == 10978 and len(suite["entity_tracking"]) == 9483
+    assert len(suite["blimp_filtered"]) == 19913 and len(suite["entity_tracking"]) == 9483
     assert {it.uid for it in suite["blimp_filtered"]} == {p.stem for p in (SUITE / "blimp_filtered").glob("*.jsonl")}
     assert {it.uid for it in suite["supplement_filtered"]} == {"hypernym", "qa_congruence_easy", "qa_congruence_tricky",
                                                               "subject_aux_inversion", "turn_taking"}
