@@ -70,6 +70,10 @@ BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of 
 BUILTIN_SEED = 1234
 TASKS = ("blimp_filtered", "supplement_filtered", "ewok_filtered", "entity_tracking", "wug_adj_nominalization")
 FOLDERS = TASKS + ("reading",)  # TASKS are scored by accuracy (their mean is the macro-average); reading apart
+FAST_FOLDERS = {"blimp_fast": "blimp_filtered", "supplement_fast": "supplement_filtered",  # fast_eval's names
+                "ewok_fast": "ewok_filtered", "entity_tracking_fast": "entity_tracking"}
+NOT_SCORED = ("wug_past_tense", "comps", "aoa", "glue_filtered", "vqa_filtered", "winoground_filtered")  # the
+# pipeline's other folders: named on stderr, not scored (fine-tuning data, tasks of other tracks or formats)
 
 
 @dataclass
@@ -351,7 +355,30 @@ READERS = {"blimp_filtered": read_pair_items, "supplement_filtered": read_pair_i
 
 
 def is_suite(path):
-    return Path(path).is_dir() and any((Path(path) / t).is_dir() for t in FOLDERS)
+    return Path(path).is_dir() and any((Path(path) / t).is_dir() for t in (*FOLDERS, *FAST_FOLDERS))
+
+
+def task_folders(path):
+    """-> {task: its folder} of a suite folder (full_eval's names, or fast_eval's); a folder of another name
+    is an error that lists the known ones (a misspelt task is not skipped without a word), the pipeline's
+    folders that eval.py does not score are named on stderr."""
+    folders = {p.name: p for p in Path(path).iterdir() if p.is_dir() and not p.name.startswith(".")}
+    unknown = sorted(n for n in folders if n not in (*FOLDERS, *FAST_FOLDERS, *NOT_SCORED))
+    if unknown:
+        raise ValueError(f"{path}: unknown task folder(s) {', '.join(unknown)}; the known ones are "
+                         f"{', '.join(FOLDERS)} (fast_eval: {', '.join(FAST_FOLDERS)}; not scored here: "
+                         f"{', '.join(NOT_SCORED)})")
+    skipped = sorted(n for n in folders if n in NOT_SCORED)
+    if skipped:
+        print(f"warning: {path}: not scored by eval.py: {', '.join(skipped)}", file=sys.stderr)
+    found = {}
+    for name, folder in folders.items():
+        task = FAST_FOLDERS.get(name, name)
+        if task in found:
+            raise ValueError(f"{path} holds two folders for task {task}: {found[task].name} and {name}")
+        if task in FOLDERS:
+            found[task] = folder
+    return {t: found[t] for t in FOLDERS if t in found}
 
 
 def load_babylm(path, tasks=None):
@@ -362,7 +389,8 @@ def load_babylm(path, tasks=None):
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(FOLDERS)}")
     if not path.is_dir():
         raise FileNotFoundError(f"BabyLM suite folder {path} does not exist or is not a folder")
-    found = [t for t in FOLDERS if (path / t).is_dir()]
+    folder = task_folders(path)
+    found = list(folder)
     if not found:
         raise ValueError(f"{path} holds none of the task folders {', '.join(FOLDERS)}; expected the 2025 "
                          "pipeline's evaluation_data/full_eval (or fast_eval) folder")
@@ -372,16 +400,19 @@ def load_babylm(path, tasks=None):
     suite = Suite()
     for task in [t for t in found if not tasks or t in tasks]:
         if task == READING:
-            if not (path / task / READING_FILE).is_file():
-                raise FileNotFoundError(f"{path / task} holds no {READING_FILE}")
-            suite[task] = read_reading(path / task / READING_FILE)
+            if not (folder[task] / READING_FILE).is_file():
+                raise FileNotFoundError(f"{folder[task]} holds no {READING_FILE}")
+            suite[task] = read_reading(folder[task] / READING_FILE)
             continue
-        files = sorted((path / task).glob("*.jsonl"))
+        files = sorted(folder[task].glob("*.jsonl"))
         if not files:
-            raise ValueError(f"{path / task} holds no .jsonl files")
-        suite[task] = [item for f in files for item in READERS[task](f)]
-        if not suite[task]:
-            raise ValueError(f"{path / task} holds no items")
+            raise ValueError(f"{folder[task]} holds no .jsonl files")
+        suite[task] = []
+        for f in files:
+            items = READERS[task](f)
+            if not items:
+                raise ValueError(f"{f} holds no items (an empty file); expected JSON Lines of task {task}")
+            suite[task] += items
     return suite
 
 # -----------------------------------------------------------------------------

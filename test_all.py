@@ -3977,6 +3977,36 @@ def sample_text(n_chars=100_000):
     return texts
 
 # -----------------------------------------------------------------------------
+# Suite folders: misspelt folders and empty files are errors, fast_eval's names (issue 26, case 5)
+
+
+def test_suite_folder_with_an_unknown_folder_or_an_empty_file_is_an_error(suite_dir, capsys):
+    (suite_dir / "ewok_filterd").mkdir()
+    with pytest.raises(ValueError, match=r"unknown task folder\(s\) ewok_filterd; the known ones are "
+                                         r"blimp_filtered, .*wug_adj_nominalization, reading \(fast_eval"):
+        evaluate.load_babylm(suite_dir)
+    (suite_dir / "ewok_filterd").rmdir()
+    (suite_dir / "blimp_filtered" / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{suite_dir / 'blimp_filtered' / 'empty.jsonl'} holds no items")):
+        evaluate.load_babylm(suite_dir)
+    (suite_dir / "blimp_filtered" / "empty.jsonl").unlink()
+    (suite_dir / "comps").mkdir()  # a folder of the pipeline that eval.py does not score: named, not an error
+    assert list(evaluate.load_babylm(suite_dir)) == list(evaluate.TASKS)
+    assert "not scored by eval.py: comps" in capsys.readouterr().err
+
+
+def test_fast_eval_folder_names_are_the_same_tasks(suite_dir, tmp_path):
+    full = evaluate.load_babylm(suite_dir)
+    fast = tmp_path / "fast_eval"
+    shutil.copytree(suite_dir, fast)
+    for name, task in evaluate.FAST_FOLDERS.items():
+        (fast / task).rename(fast / name)
+    assert evaluate.load_babylm(fast) == full and evaluate.is_suite(fast)
+    shutil.copytree(fast / "blimp_fast", fast / "blimp_filtered")
+    with pytest.raises(ValueError, match="two folders for task blimp_filtered: blimp_f"):
+        evaluate.load_babylm(fast)
+
+# -----------------------------------------------------------------------------
 # The reading task (eval.py --babylm with reading/reading_data.csv): the pipeline's protocol by hand
 
 
@@ -4288,6 +4318,60 @@ def test_export_refuses_dotted_or_missing_out(exported, tmp_path):
         export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'blalm.v2'}"])
     with pytest.raises(ValueError, match="does not exist"):
         export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'no' / 'such'}"])
+
+# -----------------------------------------------------------------------------
+# --overwrite replaces only an earlier export; a killed export's temporary folder (issue 26, cases 2 and 7)
+
+
+def test_export_overwrite_never_replaces_a_run_folder_or_the_source(enc, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(enc, "mlstm", run / "ckpt.pt")
+    (run / "log.jsonl").write_text('{"iter": 0}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"holds the checkpoint to export .*ckpt.pt"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={run}", "--overwrite=True"])
+    with pytest.raises(ValueError, match=r"holds the checkpoint to export"):
+        export.main([f"--run={run}", f"--out={run}", "--overwrite=True"])
+    other = tmp_path / "other_run"
+    shutil.copytree(run, other)
+    with pytest.raises(ValueError, match=r"is not an earlier export \(it holds ckpt.pt, log.jsonl\)"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={other}", "--overwrite=True"])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    out = tmp_path / "hf"
+    out.mkdir()  # an empty folder may be written
+    export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])
+    export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])  # an earlier export: replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not an earlier export \(it holds notes.txt\)"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])
+    (out / "notes.txt").unlink()
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"not an earlier export \(it holds config.json \(not a BLaLM export's\)\)"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])
+
+
+def test_a_killed_export_leaves_a_folder_the_next_export_removes(enc, tmp_path):
+    tiny_checkpoint(enc, "mlstm", tmp_path / "ckpt.pt")
+    out = tmp_path / "hf"
+    killer = ("import os, sys, export\n"
+              "def build(path, out):\n"
+              "    (out / 'config.json').write_text('{}')\n"
+              "    os.kill(os.getpid(), 9)\n"
+              "export.export_checkpoint = build\n"
+              f"export.main(['--ckpt={tmp_path / 'ckpt.pt'}', '--out={out}'])\n")
+    p = subprocess.run([sys.executable, "-c", killer], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -9
+    left = [q for q in tmp_path.iterdir() if q.name not in ("ckpt.pt",)]
+    assert len(left) == 1 and left[0].name.startswith(".hf.tmp-") and (left[0] / "config.json").exists()
+    legacy = tmp_path / "hf.tmp-0123abcd"  # the name an earlier export.py gave its temporary folder
+    legacy.mkdir()
+    live = tmp_path / f"{data.temp_prefix('hf')}abcdef12"  # this process's: alive, kept
+    live.mkdir()
+    export.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"])
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(["ckpt.pt", "hf", live.name])
 
 # -----------------------------------------------------------------------------
 # With transformers: the folder loaded back
