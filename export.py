@@ -14,7 +14,9 @@ of the checkpoint as a byte-level BPE of the `tokenizers` library: the same ids 
 encode_ordinary, with <|endoftext|> prepended as BOS when special tokens are added, as the pipeline does);
 README.md. Writing needs neither transformers nor safetensors (used when installed); loading the folder needs
 `pip install transformers safetensors tokenizers`. An existing non-empty --out is replaced only with
---overwrite=True; the folder is built beside it and renamed into place, so a failed export leaves nothing.
+--overwrite=True, and only when it holds an earlier export and nothing else (never a run folder, never the
+folder of the checkpoint exported); the folder is built beside it and renamed into place, so a failed export
+leaves nothing, and what a killed one left beside it is removed by the next export.
 """
 
 import ast
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from common import model_from_checkpoint, parse_args, read_checkpoint, resolve_checkpoint_path, run_cli, write_json
-from data import EOT, tokenizer_from_dict, write_atomic
+from data import EOT, remove_stray_temps, temp_prefix, tokenizer_from_dict, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 WRAPPER_DIR = ROOT / "hf_code"
@@ -250,9 +252,41 @@ def export_checkpoint(path, out):
         "pad on the right.\n"))
 
 
-def check_out(out, overwrite):
-    """--out may be new or empty; a non-empty one only with --overwrite. Checked before any work."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = frozenset(("config.json", "model.safetensors", "README.md", *TOKENIZER_FILES, *WRAPPER_FILES,
+                          *MODEL_FILES))
+REVISION = re.compile(r"chck_\d+M")
+
+
+def not_an_export(folder):
+    """-> the entries of `folder` (paths relative to it) that an export does not write: a folder is an earlier
+    export when its config.json says model_type "blalm" and it holds only the export's files, __pycache__
+    and chck_<N>M folders of the same kind. [] means it may be replaced."""
+    folder, foreign = Path(folder), []
+    try:
+        is_blalm = json.loads((folder / "config.json").read_text()).get("model_type") == "blalm"
+    except (OSError, ValueError, AttributeError):
+        is_blalm = False
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() or not (p.is_file() and p.name in EXPORT_FILES or p.is_dir() and
+                                  (p.name == "__pycache__" or REVISION.fullmatch(p.name))):
+            foreign.append(p.name)
+        elif p.is_dir() and p.name != "__pycache__":
+            foreign += [f"{p.name}/{q}" for q in not_an_export(p)]
+    if foreign or is_blalm:
+        return foreign
+    return ["config.json (not a BLaLM export's)" if (folder / "config.json").exists() else "no config.json"]
+
+
+def check_out(out, overwrite, sources=()):
+    """--out may be new or empty; a non-empty one only with --overwrite, and only when it holds an earlier
+    export and nothing else (never a run folder's checkpoints and logs), and never when it holds one of
+    the checkpoints to export (`sources`). Checked before any work."""
     out = Path(os.path.abspath(out))
+    inside = [str(s) for s in sources if out in Path(os.path.abspath(s)).parents]
+    if inside:
+        raise ValueError(f"--out={out} holds the checkpoint to export ({', '.join(inside)}); "
+                         f"choose an --out outside it")
     if "." in out.name:  # transformers < 5 imports the folder's code as a module named after the folder
         raise ValueError(f"--out={out}: the folder name {out.name!r} has a '.', which transformers < 5 cannot "
                          f"import trust_remote_code from; choose a name without dots")
@@ -264,19 +298,43 @@ def check_out(out, overwrite):
         raise ValueError(f"--out={out} is a file; expected a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out={out} is not empty; give --overwrite=True to replace it, or another --out")
+    if out.is_dir() and any(out.iterdir()) and (foreign := not_an_export(out)):
+        raise ValueError(f"--out={out} is not an earlier export (it holds {', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}); --overwrite replaces only an export of "
+                         f"export.py or an empty folder: choose another --out")
     return out
+
+
+LEGACY_TEMP = re.compile(r"(.+)\.(tmp|old)-[0-9a-f]{8}")  # the names before temp_prefix: no pid to test
+
+
+def remove_stale_temps(out):
+    """Remove what killed exports to `out` left beside it: temporary folders named by data.temp_prefix whose
+    process is dead (remove_stray_temps), and the older <out>.tmp-<hex> / <out>.old-<hex> names of this
+    script (no process to ask: an export of the same name writing at this very moment would lose its
+    temporary folder and fail cleanly) -> the paths removed."""
+    removed = remove_stray_temps(out.parent, out.name)
+    for p in out.parent.iterdir():
+        m = LEGACY_TEMP.fullmatch(p.name)
+        if m and m[1] == out.name and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
 
 
 def write_folder(out, build):
     """build(tmp) into a new folder beside out, then renamed to out (an old out is moved aside first and
-    removed after): a failed build leaves out as it was."""
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    removed after): a failed build leaves out as it was. Temporary names carry host and pid
+    (data.temp_prefix), so a later export removes what a killed one left."""
+    for p in remove_stale_temps(out):
+        print(f"removed {p}, left by an earlier export that did not finish")
+    tmp = out.with_name(f"{temp_prefix(out.name)}{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         build(tmp)
         old = None
         if out.exists():
-            old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+            old = out.with_name(f"{temp_prefix(out.name)}old-{uuid.uuid4().hex[:8]}")
             out.rename(old)
         tmp.rename(out)
         if old is not None:
@@ -305,7 +363,7 @@ def main(argv):
         marks = milestones(cfg.run)
     else:
         main_ckpt, marks = resolve_checkpoint_path(cfg.ckpt), []
-    out = check_out(cfg.out, cfg.overwrite)
+    out = check_out(cfg.out, cfg.overwrite, [main_ckpt] + [p for _, p in marks])
 
     def build(tmp):
         export_checkpoint(main_ckpt, tmp)

@@ -7,6 +7,7 @@ eval.py and sample.py, export.py, bench.py, the notebooks. Each test's name stat
 import ast
 from collections import Counter
 import copy
+import csv
 import gzip
 import importlib.util
 import io
@@ -3580,9 +3581,10 @@ def test_readers_on_the_shared_suite_files():
     if not SUITE.is_dir():
         pytest.skip(f"{SUITE} is not present (the shared BabyLM 2025 evaluation files)")
     suite = evaluate.load_babylm(SUITE)
-    assert list(suite) == ["blimp_filtered", "supplement_filtered", "entity_tracking", "wug_adj_nominalization"]
+    assert list(suite) == ["blimp_filtered", "supplement_filtered", "entity_tracking", "wug_adj_nominalization",
+                           "reading"]
     lines = lambda task: sum(len(p.read_bytes().splitlines()) for p in (SUITE / task).glob("*.jsonl"))
-    assert {t: len(v) for t, v in suite.items()} == {t: lines(t) for t in suite}
+    assert {t: len(v) for t, v in suite.items() if t != "reading"} == {t: lines(t) for t in suite if t != "reading"}
     assert len(suite["blimp_filtered"]) == 19913 and len(suite["entity_tracking"]) == 9483
     assert {it.uid for it in suite["blimp_filtered"]} == {p.stem for p in (SUITE / "blimp_filtered").glob("*.jsonl")}
     assert {it.uid for it in suite["supplement_filtered"]} == {"hypernym", "qa_congruence_easy", "qa_congruence_tricky",
@@ -3975,6 +3977,201 @@ def sample_text(n_chars=100_000):
     return texts
 
 # -----------------------------------------------------------------------------
+# Suite folders: misspelt folders and empty files are errors, fast_eval's names (issue 26, case 5)
+
+
+def test_suite_folder_with_an_unknown_folder_or_an_empty_file_is_an_error(suite_dir, capsys):
+    (suite_dir / "ewok_filterd").mkdir()
+    with pytest.raises(ValueError, match=r"unknown task folder\(s\) ewok_filterd; the known ones are "
+                                         r"blimp_filtered, .*wug_adj_nominalization, reading \(fast_eval"):
+        evaluate.load_babylm(suite_dir)
+    (suite_dir / "ewok_filterd").rmdir()
+    (suite_dir / "blimp_filtered" / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{suite_dir / 'blimp_filtered' / 'empty.jsonl'} holds no items")):
+        evaluate.load_babylm(suite_dir)
+    (suite_dir / "blimp_filtered" / "empty.jsonl").unlink()
+    (suite_dir / "comps").mkdir()  # a folder of the pipeline that eval.py does not score: named, not an error
+    assert list(evaluate.load_babylm(suite_dir)) == list(evaluate.TASKS)
+    assert "not scored by eval.py: comps" in capsys.readouterr().err
+
+
+def test_fast_eval_folder_names_are_the_same_tasks(suite_dir, tmp_path):
+    full = evaluate.load_babylm(suite_dir)
+    fast = tmp_path / "fast_eval"
+    shutil.copytree(suite_dir, fast)
+    for name, task in evaluate.FAST_FOLDERS.items():
+        (fast / task).rename(fast / name)
+    assert evaluate.load_babylm(fast) == full and evaluate.is_suite(fast)
+    shutil.copytree(fast / "blimp_fast", fast / "blimp_filtered")
+    with pytest.raises(ValueError, match="two folders for task blimp_filtered: blimp_f"):
+        evaluate.load_babylm(fast)
+
+# -----------------------------------------------------------------------------
+# The reading task (eval.py --babylm with reading/reading_data.csv): the pipeline's protocol by hand
+
+
+def bpe_tokenizer():
+    """Bytes plus the merges th, the, ' the': "the" and " the" are different tokens, "there" is the+r+e."""
+    ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257, b" the": 258}
+    return tiktoken.Encoding(name="tiny_bpe", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 259})
+
+
+def reference_surprisal(model, enc, context, word):
+    """The pipeline's get_p2, one forward per token: P(first token of the space-less word | BOS + context),
+    then each later token after the context with the earlier tokens' text glued on; -ln of the product."""
+    p, text = 1.0, context
+    for n, t in enumerate(enc.encode_ordinary(word)):
+        if n:
+            t = enc.encode_ordinary(enc.decode([t]))[0]
+        x = torch.tensor([[enc.eot_token] + enc.encode_ordinary(text)])
+        p *= torch.softmax(model(x)[0][0, -1].double(), -1)[t].item()
+        text += enc.decode([t])
+    return -math.log(p)
+
+
+def reference_gain(y, columns, pred):
+    """100 (R²_full - R²_base) / (1 - R²_base) with the design written out: intercept, the columns, every
+    pairwise product (the formula's a:b), then pred; R² = 1 - SSR / centred TSS from the normal equations."""
+    def r2(rows, cols):
+        A = np.column_stack([np.ones(rows.sum())] + [c[rows] for c in cols])
+        beta = np.linalg.solve(A.T @ A, A.T @ y[rows])
+        e = y[rows] - A @ beta
+        return 1 - (e @ e) / np.sum((y[rows] - y[rows].mean()) ** 2)
+    design = list(columns) + [a * b for i, a in enumerate(columns) for b in columns[i + 1:]]
+    rows = np.isfinite(y) & np.all([np.isfinite(c) for c in columns], axis=0)
+    base = r2(rows, design)
+    return 100 * (r2(rows & np.isfinite(pred), design + [pred]) - base) / (1 - base)
+
+
+READING_HEADER = ["", "item", "word", "sentence", "context_length", "Subtlex_log10", "length", *evaluate.MEASURES,
+                  "prev_word", "prev_item", "prev_length"]
+
+
+def reading_rows(n_sentences=8, seed=0):
+    """Rows in the pipeline's layout: each word of a few sentences after the first, its context, the
+    previous word and its context (empty for a sentence's second word, as in the file), random measures."""
+    rng = random.Random(seed)
+    words = ["the", "there", "cat", "then", "sat", "other", "mat", "Theo", "thé", "ran", "home,", "soon."]
+    rows = []
+    for _ in range(n_sentences):
+        sentence = [rng.choice(words) for _ in range(rng.randint(4, 7))]
+        for k in range(1, len(sentence)):
+            first = k == 1
+            rows.append(dict(item=" ".join(sentence[:k]), word=sentence[k], sentence=" ".join(sentence),
+                             context_length=k, Subtlex_log10="" if rng.random() < 0.1 else rng.uniform(1, 5),
+                             length=len(sentence[k]), **{m: rng.gauss(200, 40) for m in evaluate.MEASURES},
+                             prev_word="" if first else sentence[k - 1],
+                             prev_item="" if first else " ".join(sentence[:k - 1]),
+                             prev_length=-1 if first else len(sentence[k - 1])))
+    return rows
+
+
+def write_reading(path, rows, header=READING_HEADER):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, header, extrasaction="ignore")
+        w.writeheader()
+        for n, r in enumerate(rows):
+            w.writerow({"": n, **r})
+    return rows
+
+
+def test_reading_word_queries_follow_the_pipeline():
+    enc = bpe_tokenizer()
+    assert enc.encode_ordinary("there") == [257, ord("r"), ord("e")] and enc.encode_ordinary(" the") == [258]
+    # the word without its space ("the", not " the"); later tokens after the context with the text glued on
+    assert evaluate.word_queries(enc, "at", "there") == [("at", 257), ("atthe", ord("r")), ("atther", ord("e"))]
+    assert evaluate.word_queries(enc, "See", "the") == [("See", 257)]
+    # a token that is a piece of a character decodes to U+FFFD, whose first byte is what gets predicted
+    assert evaluate.word_queries(byte_tokenizer(), "x", "é")[1] == ("x\ufffd", 0xEF)
+    with pytest.raises(ValueError, match="word '' has no tokens"):
+        evaluate.word_queries(enc, "x", "")
+
+
+def test_reading_scores_match_a_hand_computation(tmp_path):
+    enc, model = bpe_tokenizer(), suite_model(vocab_size=260, block_size=64)
+    rows = write_reading(tmp_path / "reading" / "reading_data.csv", reading_rows())
+    data = evaluate.read_reading(tmp_path / "reading" / "reading_data.csv")
+    here, prev = evaluate.reading_surprisals(model, enc, data, batch_size=5)
+    want = [reference_surprisal(model, enc, r["item"], r["word"]) for r in rows]
+    want_prev = [reference_surprisal(model, enc, r["prev_item"], r["prev_word"]) if r["prev_item"] else math.nan
+                 for r in rows]
+    np.testing.assert_allclose(here, want, rtol=1e-9)
+    np.testing.assert_allclose(prev, want_prev, rtol=1e-9)  # NaN where the word is a sentence's first
+    res = evaluate.score_reading(model, enc, data, batch_size=5)
+    col = lambda k: np.array([math.nan if r[k] == "" else float(r[k]) for r in rows])
+    freq, length, ctx, plen = col("Subtlex_log10"), col("length"), col("context_length"), col("prev_length")
+    here, prev = np.array(want), np.array(want_prev)
+    for m in evaluate.MEASURES:
+        assert res["measures"][m] == pytest.approx(reference_gain(col(m), [freq, length, ctx], here), abs=1e-8)
+        assert res["measures_spillover"][m] == pytest.approx(
+            reference_gain(col(m), [freq, length, ctx, plen, prev], here), abs=1e-8)
+    assert res["n_rows"]["N400"] == np.isfinite(freq).sum() < len(rows)  # a missing frequency drops its row
+    assert res["eye_tracking"] == pytest.approx(sum(res["measures"][m] for m in evaluate.EYE_TRACKING) / 4)
+    assert res["self_paced_reading"] == res["measures_spillover"]["self_paced_reading_time"]
+
+
+def test_reading_gain_is_a_share_of_what_is_possible():
+    rng = np.random.default_rng(0)
+    x1, x2, x3, s = rng.normal(size=(4, 200))
+    noise = rng.normal(size=200)
+    base = evaluate.with_interactions([x1, x2, x3])
+    # surprisal explains all of what the baseline leaves: 100 %; surprisal that is pure noise: about 0
+    assert evaluate.r2_gain(x1 + 2 * x2 * x3 + s, base, s)[0] == pytest.approx(100)
+    assert abs(evaluate.r2_gain(x1 + noise, base, s)[0]) < 2
+    assert evaluate.r2_gain(x1 + noise, base, s)[0] >= 0  # nested least squares: R² never falls
+
+
+def test_reading_reader_errors_name_file_line_and_column(tmp_path):
+    path, rows = tmp_path / "reading_data.csv", reading_rows(2)
+    write_reading(path, rows[:1] + [{**rows[1], "context_length": "two"}])
+    with pytest.raises(ValueError, match=r"reading_data.csv line 3: expected a number in column 'context_length'; "
+                                         r"got 'two'"):
+        evaluate.read_reading(path)
+    write_reading(path, rows, [c for c in READING_HEADER if c != "N400"])
+    with pytest.raises(ValueError, match=r"expected columns N400 in the header line"):
+        evaluate.read_reading(path)
+    write_reading(path, [{**rows[0], "word": ""}])
+    with pytest.raises(ValueError, match=r"line 2: expected a word in column 'word'"):
+        evaluate.read_reading(path)
+    write_reading(path, [])
+    with pytest.raises(ValueError, match=r"reading_data.csv holds no rows"):
+        evaluate.read_reading(path)
+
+
+def test_reading_reader_on_the_shared_file():
+    path = SUITE / "reading" / "reading_data.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} is not present (the shared BabyLM 2025 evaluation files)")
+    data = evaluate.read_reading(path)
+    assert len(data) == 1726 == len(path.read_text().splitlines()) - 1
+    # 205 sentences' second words have no previous row; one previous context is the word "None", which the
+    # pipeline's pandas reads as missing too; the one empty context is "None" again (its fillna)
+    assert sum(p is None for p in data.prev_item) == 206 and data.item.count("None") == 1
+    assert int(np.isnan(data.numbers["Subtlex_log10"]).sum()) == 30
+    assert data.item[0] == "Arthur placed" and data.word[0] == "the" and data.prev_word[0] == "placed"
+
+
+def test_cli_scores_the_reading_folder(suite_dir, tmp_path, capsys):
+    write_reading(suite_dir / "reading" / "reading_data.csv", reading_rows(10))
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    res = evaluate.main([f"--ckpt={ckpt}", f"--babylm={suite_dir}", "--device=cpu", f"--json={tmp_path / 'r.json'}"])
+    out = capsys.readouterr().out
+    r = res["babylm"]["reading"]
+    assert re.search(rf"^reading eye-tracking +{r['eye_tracking']:.2f}", out, re.M)
+    assert re.search(rf"^reading self-paced +{r['self_paced_reading']:.2f}", out, re.M)
+    for m in evaluate.MEASURES:
+        assert re.search(rf"^  {m} +{r['measures'][m]:.2f} +{r['measures_spillover'][m]:.2f}", out, re.M), m
+    # the macro-average stays the mean of the five accuracy tasks
+    assert res["macro_average"] == pytest.approx(sum(res["babylm"]["tasks"].values()) / 5)
+    saved = json.loads((tmp_path / "r.json").read_text())["babylm"]["reading"]
+    assert saved["eye_tracking"] == pytest.approx(r["eye_tracking"])
+    evaluate.main([f"--ckpt={ckpt}", f"--babylm={suite_dir}", "--tasks=reading", "--device=cpu"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "macro-average: n/a (no accuracy task: reading only)"
+
+
+# -----------------------------------------------------------------------------
 # Without transformers: the files as files
 
 
@@ -4121,6 +4318,60 @@ def test_export_refuses_dotted_or_missing_out(exported, tmp_path):
         export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'blalm.v2'}"])
     with pytest.raises(ValueError, match="does not exist"):
         export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'no' / 'such'}"])
+
+# -----------------------------------------------------------------------------
+# --overwrite replaces only an earlier export; a killed export's temporary folder (issue 26, cases 2 and 7)
+
+
+def test_export_overwrite_never_replaces_a_run_folder_or_the_source(enc, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(enc, "mlstm", run / "ckpt.pt")
+    (run / "log.jsonl").write_text('{"iter": 0}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"holds the checkpoint to export .*ckpt.pt"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={run}", "--overwrite=True"])
+    with pytest.raises(ValueError, match=r"holds the checkpoint to export"):
+        export.main([f"--run={run}", f"--out={run}", "--overwrite=True"])
+    other = tmp_path / "other_run"
+    shutil.copytree(run, other)
+    with pytest.raises(ValueError, match=r"is not an earlier export \(it holds ckpt.pt, log.jsonl\)"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={other}", "--overwrite=True"])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    out = tmp_path / "hf"
+    out.mkdir()  # an empty folder may be written
+    export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])
+    export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])  # an earlier export: replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not an earlier export \(it holds notes.txt\)"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])
+    (out / "notes.txt").unlink()
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"not an earlier export \(it holds config.json \(not a BLaLM export's\)\)"):
+        export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={out}", "--overwrite=True"])
+
+
+def test_a_killed_export_leaves_a_folder_the_next_export_removes(enc, tmp_path):
+    tiny_checkpoint(enc, "mlstm", tmp_path / "ckpt.pt")
+    out = tmp_path / "hf"
+    killer = ("import os, sys, export\n"
+              "def build(path, out):\n"
+              "    (out / 'config.json').write_text('{}')\n"
+              "    os.kill(os.getpid(), 9)\n"
+              "export.export_checkpoint = build\n"
+              f"export.main(['--ckpt={tmp_path / 'ckpt.pt'}', '--out={out}'])\n")
+    p = subprocess.run([sys.executable, "-c", killer], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -9
+    left = [q for q in tmp_path.iterdir() if q.name not in ("ckpt.pt",)]
+    assert len(left) == 1 and left[0].name.startswith(".hf.tmp-") and (left[0] / "config.json").exists()
+    legacy = tmp_path / "hf.tmp-0123abcd"  # the name an earlier export.py gave its temporary folder
+    legacy.mkdir()
+    live = tmp_path / f"{data.temp_prefix('hf')}abcdef12"  # this process's: alive, kept
+    live.mkdir()
+    export.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"])
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(["ckpt.pt", "hf", live.name])
 
 # -----------------------------------------------------------------------------
 # With transformers: the folder loaded back
