@@ -3106,6 +3106,40 @@ def test_a_failed_checkpoint_write_names_the_file_and_the_likely_cause(tmp_path,
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def with_splits(folder, tmp_path, **splits):
+    """A copy of a prepared folder whose bins hold the given token ids (split name -> ids), meta.json updated
+    to match (sizes, sha256, words), so that data.py accepts it as prepared."""
+    out = tmp_path / "data"
+    shutil.copytree(folder, out)
+    meta = json.loads((out / "meta.json").read_text())
+    for split, ids in splits.items():
+        info = meta["splits"][split]
+        np.asarray(ids, dtype=meta["dtype"]).tofile(out / info["file"])
+        info.update(tokens=len(ids), words=len(ids) // 2, sha256=data.sha256_file(out / info["file"]))
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_training_reads_the_train_split_and_validation_the_val_split(tiny_data, tmp_path):
+    # train: uniform random over 20 token ids (no model beats log 20 nats on it); val: a period-4 cycle of 4
+    # other ids (learnable down to ~0). Swapped splits would train on the cycle and predict its ids.
+    A, B = np.arange(10, 30), np.arange(200, 204)
+    train_ids = np.random.default_rng(0).choice(A, size=20_000)
+    folder = with_splits(Path(tiny_data), tmp_path, train=train_ids, val=np.resize(B, 4_000))
+    out, ckpt = run_train([f"--data={folder}", "--max_iters=40", "--eval_interval=40", "--eval_pairs=none"],
+                          tmp_path, "run")
+    rows = log_rows(out)
+    train_losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
+    assert min(train_losses) > 0.9 * math.log(len(A)), train_losses      # never below the entropy of train.bin
+    assert train_losses[-1] < math.log(300) - 1.5, train_losses           # but it learned train.bin's ids
+    assert val[-1] > val[0] > math.log(len(B)), val                         # val.bin's ids became less likely
+    model = common.model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(train_ids[None, :32].astype(np.int64)))[0][0, -8:], -1)
+    assert probs[:, A].sum(-1).min() > 0.5 and probs[:, B].sum(-1).max() < 0.05
+
+
 def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_line(tmp_path):
     enc = corpus.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     model = BLaLM(BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
