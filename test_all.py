@@ -34,6 +34,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import bench
 import blalm
@@ -3138,6 +3139,59 @@ def test_training_reads_the_train_split_and_validation_the_val_split(tiny_data, 
     with torch.no_grad():
         probs = torch.softmax(model(torch.from_numpy(train_ids[None, :32].astype(np.int64)))[0][0, -8:], -1)
     assert probs[:, A].sum(-1).min() > 0.5 and probs[:, B].sum(-1).max() < 0.05
+
+
+def train_capturing_grads(argv):
+    """train.main(argv) -> the gradients each optimizer step was given (after accumulation and clipping),
+    one flat list per step call, read through torch's public global optimizer step pre-hook."""
+    seen = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(
+        [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+    try:
+        train.main(argv)
+    finally:
+        hook.remove()
+    return seen
+
+
+def one_step(tiny_data, tmp_path, name, *args):
+    """One training step of a tiny model on CPU -> (the gradients its optimizers were given, its checkpoint)."""
+    out = tmp_path / name
+    grads = train_capturing_grads(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={out}", "--max_iters=1",
+                                              "--eval_interval=1", "--eval_pairs=none", "--device=cpu", *args])
+    return [g for step in grads for g in step], common.read_checkpoint(str(out / "ckpt.pt"))
+
+
+def test_gradient_accumulation_2_of_batch_b_gives_the_update_of_one_batch_2b_float64(tiny_data, tmp_path):
+    # the first 2b windows of the epoch's order are the same windows either way; float64 weights
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        g_acc, acc = one_step(tiny_data, tmp_path, "acc", "--batch_size=2", "--gradient_accumulation_steps=2",
+                              "--grad_clip=0")
+        g_one, one = one_step(tiny_data, tmp_path, "one", "--batch_size=4", "--gradient_accumulation_steps=1",
+                              "--grad_clip=0")
+    finally:
+        torch.set_default_dtype(default)
+    assert len(g_acc) == len(g_one) > 0 and g_acc[0].dtype == torch.float64
+    # the loss is cross-entropy in float32 (logits.float()), so the gradients agree to float32's rounding;
+    # an accumulation that does not divide by its 2 steps gives twice the gradient (relative error 1)
+    assert rel_err(torch.cat([g.flatten() for g in g_acc]), torch.cat([g.flatten() for g in g_one])) < 1e-5
+    for k, v in one["model"].items():
+        assert torch.allclose(acc["model"][k], v, rtol=0, atol=1e-6), k
+    assert acc["tokens_seen"] == one["tokens_seen"]
+
+
+def test_gradient_clipping_rescales_the_gradient_the_optimizer_steps_with_to_grad_clip(tiny_data, tmp_path):
+    raw, _ = one_step(tiny_data, tmp_path, "raw", "--grad_clip=0")
+    clip = 0.05
+    clipped, _ = one_step(tiny_data, tmp_path, "clipped", f"--grad_clip={clip}")
+    raw_norm = torch.cat([g.flatten() for g in raw]).double().norm().item()
+    clipped_norm = torch.cat([g.flatten() for g in clipped]).double().norm().item()
+    assert raw_norm > 4 * clip                                   # so the clip has work to do
+    assert clipped_norm == pytest.approx(clip, rel=1e-4)        # the norm over all parameters together
+    for g, r in zip(clipped, raw):                               # a rescaling: the direction is kept
+        assert torch.allclose(g, r * (clip / raw_norm), rtol=1e-4, atol=1e-9)
 
 
 def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_line(tmp_path):
