@@ -3194,6 +3194,46 @@ def test_gradient_clipping_rescales_the_gradient_the_optimizer_steps_with_to_gra
         assert torch.allclose(g, r * (clip / raw_norm), rtol=1e-4, atol=1e-9)
 
 
+def test_a_checkpoint_write_that_fails_midway_leaves_the_old_checkpoint_and_never_opens_it_for_writing(
+        tiny_data, tmp_path, monkeypatch):
+    # deterministic, where a kill loop catches an in-place write only when the kill lands inside it
+    args = [f"--data={tiny_data}", "--max_iters=4", "--eval_interval=2", "--eval_pairs=none", "--keep_best=False",
+            "--milestones=False"]
+    out, _ = run_train(args + ["--stop_iter=2"], tmp_path, "run")
+    target = (out / "ckpt.pt").resolve()
+    before, inode = target.read_bytes(), (target.stat().st_dev, target.stat().st_ino)
+    real_save, real_open, calls, in_place = torch.save, open, [], []
+
+    def half_then_fail(obj, f, *a, **kw):  # the bytes torch.save would write, half of them, then a full disk
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **kw)
+        if isinstance(f, (str, os.PathLike)):
+            f = real_open(f, "wb")
+        stat = os.fstat(f.fileno())
+        calls.append(1)
+        if (stat.st_dev, stat.st_ino) == inode:       # the file being written is the old checkpoint itself
+            in_place.append("torch.save")
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    def recording_open(file, mode="r", *a, **kw):
+        if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax+") and Path(file).resolve() == target:
+            in_place.append(f"open({mode!r})")
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    monkeypatch.setattr("builtins.open", recording_open)
+    with pytest.raises((OSError, RuntimeError)):
+        train.main(TINY_RUN + [f"--out_dir={out}", "--resume=True"] + args)
+    monkeypatch.undo()
+    assert calls == [1]                               # the failing writer ran once, and the run stopped there
+    assert in_place == []                             # ckpt.pt itself was never opened for writing
+    assert target.read_bytes() == before
+    assert common.read_checkpoint(str(target))["iter"] == 2
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]          # nor half a temporary file left
+
+
 def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_line(tmp_path):
     enc = corpus.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     model = BLaLM(BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
