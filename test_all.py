@@ -1803,6 +1803,57 @@ def test_muon_matches_torch_optim_muon_bit_for_bit_over_several_steps(nesterov, 
             assert torch.equal(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
+def newton_schulz_float64(G, steps=5, eps=1e-7):
+    """The contract's orthogonalisation (DESIGN, Muon), written out anew in float64: the short side first,
+    divided by the Frobenius norm (at least eps), then `steps` times X <- a X + b (X X^T) X + c (X X^T)^2 X."""
+    a, b, c = NS_COEFFS
+    X = G.double().T if G.shape[0] > G.shape[1] else G.double()
+    X = X / max(X.norm().item(), eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + b * A @ X + c * A @ A @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+def muon_reference_steps(params, grads_per_step, lr, momentum, nesterov, weight_decay):
+    """The contract's Muon step, plainly, float64: b = momentum b + (1 - momentum) g; u = (1 - momentum) g +
+    momentum b with Nesterov, else b; p = p (1 - lr weight_decay) - lr sqrt(max(1, rows/cols)) NS(u).
+    -> (parameters, momentum buffers) after all steps."""
+    params = [p.detach().double().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for n, (p, g) in enumerate(zip(params, grads)):
+            bufs[n] = momentum * bufs[n] + (1 - momentum) * g
+            u = (1 - momentum) * g + momentum * bufs[n] if nesterov else bufs[n]
+            rows, cols = p.shape
+            params[n] = p * (1 - lr * weight_decay) - lr * math.sqrt(max(1, rows / cols)) * newton_schulz_float64(u)
+    return params, bufs
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_muon_follows_the_contracts_update_float64_over_several_steps(nesterov, weight_decay):
+    # any torch: the reference is the contract's formula, not torch.optim.Muon. Both sides run Newton-Schulz in
+    # float64 (ns_dtype), so what is left to differ is the order of float64 roundings: ~1e-16 per operation,
+    # grown at most 3.4445x per Newton-Schulz step (the quintic's largest slope; about 1e-15 seen), far below
+    # 1e-12; a wrong momentum, Nesterov, decay or scale moves a parameter by ~lr * 0.1 or more.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (32, 32), (48, 16)]  # tall (two: one stack), wide, square
+    params = [nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    opt = Muon(params, lr=0.03, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay, ns_dtype=torch.float64)
+    for step_grads in grads:
+        for p, grad in zip(params, step_grads):
+            p.grad = grad.clone()
+        opt.step()
+    want, want_bufs = muon_reference_steps(start, grads, 0.03, 0.9, nesterov, weight_decay)
+    for p, q, b, s in zip(params, want, want_bufs, start):
+        assert (q - s).abs().max() > 0.01                          # the steps moved the weights
+        assert torch.allclose(p.detach(), q, rtol=0, atol=1e-12), f"shape {tuple(p.shape)}: {(p - q).abs().max()}"
+        assert torch.allclose(opt.state[p]["momentum_buffer"], b, rtol=0, atol=1e-12)
+
+
 def test_muon_rejects_non_matrix_parameter_naming_shape_and_configure_optimizers():
     for shape in [(3, 4, 5), (7,), ()]:
         with pytest.raises(ValueError, match=rf"{re.escape(str(shape))}.*configure_optimizers"):
