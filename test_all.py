@@ -2257,18 +2257,31 @@ def test_readability_ranks_onestopenglish_levels_article_by_article():
         with gzip.open(path, "rt", encoding="utf-8") as f:
             levels[level] = [a for a in f.read().strip("\n").split("\n\n")]
     assert len(levels["ele"]) == len(levels["int"]) == len(levels["adv"]) == 189  # parallel: same index, same article
-    right = sum(corpus.readability(e) > corpus.readability(i) > corpus.readability(a)
-                for e, i, a in zip(levels["ele"], levels["int"], levels["adv"]))
-    assert right == 181    # 95.8%: the README's number (the heuristic is deterministic)
+    scores = {level: [corpus.readability(a) for a in articles] for level, articles in levels.items()}
+    right = sum(e > i > a for e, i, a in zip(scores["ele"], scores["int"], scores["adv"]))
+    assert right >= 181                       # the README says 181 of 189 articles (95.8%): at least that
+    means = {level: sum(v) / len(v) for level, v in scores.items()}
+    assert means["ele"] > means["int"] > means["adv"]
 
 
-def test_readability_is_flesch_reading_ease():
-    # 2 sentences, 8 words; syllables by hand: The(1) cat(1) sat(1) on(1) the(1) mat(1) Beautiful(3) flowers(2)
-    expected = 206.835 - 1.015 * 8 / 2 - 84.6 * 11 / 8
-    assert abs(corpus.readability("The cat sat on the mat. Beautiful flowers!") - expected) < 1e-9
+def test_readability_is_flesch_reading_ease_of_a_hand_count():
+    # words whose syllables no dictionary disputes, counted by hand; sentences end at . ! ? or a line end
+    text = ("The happy dog jumped on the table. A little elephant wanted water!\n"
+            "Children make paper boxes? The university television makes information.")
+    # The(1) happy(2) dog(1) jumped(1) on(1) the(1) table(2)           7 words,  9 syllables
+    # A(1) little(2) elephant(3) wanted(2) water(2)                     5 words, 10 syllables
+    # Children(2) make(1) paper(2) boxes(2)                             4 words,  7 syllables
+    # The(1) university(5) television(4) makes(1) information(4)       5 words, 15 syllables
+    words, sentences, syllables = 7 + 5 + 4 + 5, 4, 9 + 10 + 7 + 15
+    assert corpus.readability(text) == pytest.approx(206.835 - 1.015 * words / sentences - 84.6 * syllables / words)
+    # and what the formula implies: the same words in more sentences read easier, longer words harder,
+    # and numbers are not words
+    one, two = "The cat sat on the mat and the dog sat on the rug.", "The cat sat on the mat. And the dog sat on the rug."
+    assert corpus.readability(two) - corpus.readability(one) == pytest.approx(1.015 * (13 / 1 - 13 / 2))
+    assert corpus.readability(one.replace("cat", "elephant")) == pytest.approx(corpus.readability(one) - 84.6 * 2 / 13)
+    assert corpus.readability(one + " 1234 56") == pytest.approx(corpus.readability(one))
     with pytest.raises(ValueError):
         corpus.readability("1234 !!")
-
 
 def read_split_docs(out, split):
     """Decode a bin back into its documents (split at end-of-text tokens)."""
