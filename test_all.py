@@ -3976,12 +3976,34 @@ def test_learned_positions_cut_long_context_from_the_left_and_count_too_long_ite
     assert scores[1][0].item() == pytest.approx(reference_score(mlstm, enc, "Hi ", "x" * 40), abs=1e-10)
 
 
-def test_max_items_per_uid_keeps_the_first_items_of_each_uid(suite_dir):
-    suite = evaluate.load_babylm(suite_dir)
-    res = evaluate.score_babylm(suite_model(), byte_tokenizer(), suite, max_items_per_uid=1)
-    assert all(set(n.values()) == {1} for n in res["n_items"].values())
-    assert res["n_items"]["ewok_filtered"] == {"social": 1, "physical": 1}
+def test_max_items_per_uid_keeps_the_first_items_of_each_uid(tmp_path):
+    # in file order, the first item of each UID is one the model gets right, every later one a tie (wrong):
+    # keeping the first k items of a UID gives 100/k percent, keeping any other item gives less
+    model, enc = suite_model(), byte_tokenizer()
 
+    def ordered(prefix, x, y):  # (the candidate the model prefers, the other)
+        sx, sy = reference_score(model, enc, prefix, x), reference_score(model, enc, prefix, y)
+        assert sx != sy
+        return (x, y) if sx > sy else (y, x)
+
+    blimp = lambda uid, good, bad: dict(sentence_good=good, sentence_bad=bad, field="syntax", UID=uid)
+    d = tmp_path / "suite"
+    write_jsonl(d / "blimp_filtered" / "mixed.jsonl", [
+        blimp("agr", *ordered("", "The cat sleeps.", "The cat sleep.")),
+        blimp("npi", *ordered("", "No one ever left.", "Someone ever left.")),
+        blimp("agr", "Dogs bark.", "Dogs bark."), blimp("npi", "Nobody has any.", "Nobody has any."),
+        blimp("agr", "She is here.", "She is here.")])
+    write_jsonl(d / "ewok_filtered" / "social.jsonl", [
+        ewok("social", "Ann is kind.", *ordered("Ann is kind. ", "She helps.", "She hits.")),
+        ewok("physical", "The box is big.", *ordered("The box is big. ", "It holds a lot.", "It holds little.")),
+        ewok("social", "Bo is sad.", "He cries.", "He cries."), ewok("physical", "A cup.", "It is.", "It is.")])
+    suite = evaluate.load_babylm(d)
+    for k in (1, 2):
+        res = evaluate.score_babylm(model, enc, suite, max_items_per_uid=k)
+        assert res["n_items"] == {"blimp_filtered": {"agr": k, "npi": k}, "ewok_filtered": {"social": k, "physical": k}}
+        assert res["uids"] == {"blimp_filtered": {"agr": 100 / k, "npi": 100 / k},
+                               "ewok_filtered": {"social": 100 / k, "physical": 100 / k}}
+    assert evaluate.score_babylm(model, enc, suite)["uids"]["blimp_filtered"] == pytest.approx({"agr": 100 / 3, "npi": 50})
 
 def test_spearman_averages_tied_ranks():
     assert evaluate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
@@ -3995,12 +4017,43 @@ def test_spearman_averages_tied_ranks():
     assert evaluate.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
-def test_train_eval_pairs_takes_a_suite_folder(suite_dir):
+def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
+    # the scores come from the folder's files: each pair file read here with json, its first two pairs per UID
+    # scored by the protocol's reference; swapping good and bad in the files turns each accuracy a into 100 - a
     model, enc = suite_model(), byte_tokenizer()
-    pairs = evaluate.load_pairs(suite_dir)
-    assert isinstance(pairs, evaluate.Suite) and list(pairs) == list(evaluate.TASKS)
-    got = evaluate.score_pairs(model, enc, pairs, "cpu", batch_size=64, max_pairs_per_paradigm=2)
-    assert got == evaluate.score_babylm(model, enc, evaluate.load_babylm(suite_dir), "cpu", 64, 2)
+
+    def raw_pair_accuracies(folder):
+        by_uid = {}
+        for task in ("blimp_filtered", "supplement_filtered"):
+            for f in sorted((folder / task).glob("*.jsonl")):
+                for line in f.read_text().splitlines():
+                    r = json.loads(line)
+                    by_uid.setdefault((task, r.get("UID") or f.stem), []).append(r)
+        return {key: 100 * sum(reference_score(model, enc, "", r["sentence_good"]) >
+                               reference_score(model, enc, "", r["sentence_bad"]) for r in rs[:2]) / len(rs[:2])
+                for key, rs in by_uid.items()}
+
+    got = evaluate.score_pairs(model, enc, evaluate.load_pairs(suite_dir), "cpu", batch_size=64,
+                               max_pairs_per_paradigm=2)
+    want = raw_pair_accuracies(suite_dir)
+    assert {(t, u): a for t in ("blimp_filtered", "supplement_filtered") for u, a in got["uids"][t].items()} == \
+        pytest.approx(want)
+    assert any(a != 50 for a in want.values())       # an accuracy that swapping the files must change
+    swapped = tmp_path / "swapped"
+    shutil.copytree(suite_dir, swapped)
+    for f in list(swapped.glob("blimp_filtered/*.jsonl")) + list(swapped.glob("supplement_filtered/*.jsonl")):
+        records = [json.loads(line) for line in f.read_text().splitlines()]
+        write_jsonl(f, [{**r, "sentence_good": r["sentence_bad"], "sentence_bad": r["sentence_good"]} for r in records])
+    flipped = evaluate.score_pairs(model, enc, evaluate.load_pairs(swapped), "cpu", max_pairs_per_paradigm=2)
+    for t in ("blimp_filtered", "supplement_filtered"):
+        assert flipped["uids"][t] == pytest.approx({u: 100 - a for u, a in got["uids"][t].items()})
+    # train.py --eval_pairs=DIR: the logged accuracy is the suite's macro-average for the weights it checkpointed
+    out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=1", "--eval_interval=1", f"--eval_pairs={suite_dir}"],
+                          tmp_path, "run")
+    logged = [r["pairs_macro"] for r in log_rows(out) if r["kind"] == "eval"][-1]
+    trained = common.model_from_checkpoint(ckpt)
+    assert logged == pytest.approx(evaluate.score_babylm(trained, data.tokenizer_from_dict(ckpt["tokenizer"]),
+                                                         evaluate.load_babylm(suite_dir), "cpu", 64, 5)["macro_average"])
 
 # -----------------------------------------------------------------------------
 # Command line
