@@ -3198,7 +3198,7 @@ def test_training_reads_the_train_split_and_validation_the_val_split(tiny_data, 
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
     assert min(train_losses) > 0.9 * math.log(len(A)), train_losses      # never below the entropy of train.bin
     assert train_losses[-1] < math.log(300) - 1.5, train_losses           # but it learned train.bin's ids
-    assert val[-1] > val[0] > math.log(len(B)), val                         # val.bin's ids became less likely
+    assert val[-1] > val[0], val                                           # val.bin's ids became less likely
     model = common.model_from_checkpoint(ckpt)
     with torch.no_grad():
         probs = torch.softmax(model(torch.from_numpy(train_ids[None, :32].astype(np.int64)))[0][0, -8:], -1)
@@ -4048,12 +4048,12 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
     for t in ("blimp_filtered", "supplement_filtered"):
         assert flipped["uids"][t] == pytest.approx({u: 100 - a for u, a in got["uids"][t].items()})
     # train.py --eval_pairs=DIR: the logged accuracy is the suite's macro-average for the weights it checkpointed
-    out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=1", "--eval_interval=1", f"--eval_pairs={suite_dir}"],
-                          tmp_path, "run")
+    out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=1", "--eval_interval=1", f"--eval_pairs={suite_dir}",
+                           "--eval_max_pairs=2"], tmp_path, "run")
     logged = [r["pairs_macro"] for r in log_rows(out) if r["kind"] == "eval"][-1]
     trained = common.model_from_checkpoint(ckpt)
     assert logged == pytest.approx(evaluate.score_babylm(trained, data.tokenizer_from_dict(ckpt["tokenizer"]),
-                                                         evaluate.load_babylm(suite_dir), "cpu", 64, 5)["macro_average"])
+                                                         evaluate.load_babylm(suite_dir), "cpu", 64, 2)["macro_average"])
 
 # -----------------------------------------------------------------------------
 # Command line
