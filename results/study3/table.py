@@ -1,0 +1,73 @@
+"""The study's table (markdown) from the logs and evaluation JSONs that gpu_call.sh brought back into logs/.
+
+    python results/study3/table.py                 # every run in logs/
+    python results/study3/table.py base ctx1024    # these runs, in this order
+    python results/study3/table.py --mean a,b c,d  # mean rows over seeds (comma-joined names), one per group
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+LOGS = Path(__file__).resolve().parent / "logs"
+# the 12 hand-picked development paradigms (shared since round one); the 22 are these plus 10 drawn at random
+DEV12 = {"anaphor_gender_agreement", "determiner_noun_agreement_1", "determiner_noun_agreement_2",
+         "distractor_agreement_relational_noun", "existential_there_quantifiers_1",
+         "irregular_past_participle_adjectives", "npi_present_1", "principle_A_c_command",
+         "regular_plural_subject_verb_agreement_1", "regular_plural_subject_verb_agreement_2",
+         "sentential_negation_npi_licensor_present", "wh_questions_object_gap"}
+COLUMNS = ("words seen", "val loss", "BLiMP 22", "BLiMP dev 12", "supplement", "entity tracking", "WUG acc",
+           "reading eye / SPR")
+
+
+def scores(name):
+    """-> dict of the table's columns for one run (None where the run has no such number)."""
+    log = [json.loads(line) for line in open(LOGS / name / "log.jsonl")]
+    last_eval = [r for r in log if r["kind"] == "eval"][-1]
+    suite = json.load(open(LOGS / f"{name}.eval.json"))["babylm"]
+    blimp = suite["uids"]["blimp_filtered"]
+    reading = suite.get("reading")
+    return {"words seen": last_eval["words"] / 1e6, "val loss": last_eval["val_loss"],
+            "BLiMP 22": suite["tasks"]["blimp_filtered"],
+            "BLiMP dev 12": statistics.mean(v for k, v in blimp.items() if k in DEV12),
+            "supplement": suite["tasks"]["supplement_filtered"], "entity tracking": suite["tasks"]["entity_tracking"],
+            "WUG acc": suite["tasks"]["wug_adj_nominalization"],
+            "reading eye / SPR": (reading["eye_tracking"], reading["self_paced_reading"]) if reading else None}
+
+
+def cell(v):
+    if v is None:
+        return "—"
+    if isinstance(v, tuple):
+        return " / ".join(f"{x:.2f}" for x in v)
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def mean_of(rows):
+    out = {}
+    for c in COLUMNS:
+        vals = [r[c] for r in rows]
+        if any(v is None for v in vals):
+            out[c] = None
+        elif isinstance(vals[0], tuple):
+            out[c] = tuple(statistics.mean(v[i] for v in vals) for i in range(len(vals[0])))
+        else:
+            out[c] = statistics.mean(vals)
+    return out
+
+
+def main(argv):
+    means = argv[:1] == ["--mean"]
+    groups = [g.split(",") for g in argv[1:]] if means else [[n] for n in argv]
+    if not groups:
+        groups = [[p.name[:-len(".eval.json")]] for p in sorted(LOGS.glob("*.eval.json"))]
+    print("| run | " + " | ".join(COLUMNS) + " |")
+    print("|---|" + "---:|" * len(COLUMNS))
+    for g in groups:
+        r = mean_of([scores(n) for n in g])
+        label = g[0] if len(g) == 1 else f"{' + '.join(g)} (mean of {len(g)})"
+        print(f"| {label} | " + " | ".join(cell(r[c]) for c in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
