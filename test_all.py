@@ -4236,7 +4236,9 @@ def test_export_folder_files(exported, enc):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "blalm" and config["architectures"] == ["BLaLMForCausalLM"]
     assert config["auto_map"] == {"AutoConfig": "configuration_blalm.BLaLMHFConfig",
-                                  "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM"}
+                                  "AutoModel": "modeling_blalm.BLaLMModel",
+                                  "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM",
+                                  "AutoModelForSequenceClassification": "modeling_blalm.BLaLMForSequenceClassification"}
     assert config["bos_token_id"] == config["eos_token_id"] == enc.eot_token
     assert BLaLMConfig.from_dict({k: config[k] for k in BLaLMConfig().to_dict()}) == \
         BLaLMConfig(**{**model.config.to_dict(), "mlstm_kernel": "torch"})
@@ -4438,6 +4440,81 @@ def test_hf_loss_is_next_token_cross_entropy(exported, hf):
         assert abs(out.loss.item() - want.item()) < 1e-5
         assert hf(input_ids=idx, labels=labels, return_dict=False)[0].item() == out.loss.item()
 
+
+# -----------------------------------------------------------------------------
+# AutoModel and AutoModelForSequenceClassification (the BabyLM pipeline's fine-tuning loads AutoModel)
+
+
+def load_auto(folder, kind, **kw):
+    transformers = transformers_or_skip()
+    return getattr(transformers, kind).from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                       output_loading_info=True, **kw)
+
+
+def padded(vocab_size, lengths, pad, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab_size, (n,), generator=g) for n in lengths]
+    x = torch.full((len(seqs), max(lengths)), pad)
+    mask = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)], mask[r, :len(s)] = s, 1
+    return seqs, x, mask
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_hf_auto_model_hidden_states_are_blalms(exported, mixer):
+    model, folder = exported[mixer]
+    base, info = load_auto(folder, "AutoModel")
+    assert type(base).__name__ == "BLaLMModel" and not info["missing_keys"] and not info["unexpected_keys"]
+    assert base.config.hidden_size == model.config.n_embd == json.loads((folder / "config.json").read_text())["hidden_size"]
+    idx = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = base(input_ids=idx, output_hidden_states=True)
+        logits, _ = model(idx)
+        wte = model.transformer.wte.weight
+        # the final states through the (tied) output matrix are BLaLM's logits; the first state is the embedding
+        assert (out.last_hidden_state @ wte.T - logits).abs().max().item() < 1e-4
+        first = wte[idx] + (model.transformer.wpe.weight[:23] if model.learned_pos else 0)
+        assert len(out.hidden_states) == model.config.n_layer + 1
+        assert torch.allclose(out.hidden_states[0], first) and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+        assert base(input_ids=idx).hidden_states is None
+
+
+def test_hf_auto_model_padding_and_mask_shapes(exported):
+    model, folder = exported["mlstm"]
+    base, _ = load_auto(folder, "AutoModel")
+    seqs, x, mask = padded(model.config.vocab_size, [17, 6, 11], model.config.vocab_size - 1)
+    causal = mask[:, None, :].repeat(1, 17, 1).tril()  # what the pipeline passes with --causal
+    with torch.no_grad():
+        h = base(input_ids=x, attention_mask=mask).last_hidden_state
+        assert torch.equal(base(input_ids=x, attention_mask=causal).last_hidden_state, h)
+        for r, s in enumerate(seqs):
+            alone = base(input_ids=s[None]).last_hidden_state[0]
+            assert (h[r, :len(s)] - alone).abs().max().item() < 1e-5
+            assert torch.equal(h[r, len(s):], h[r, len(s) - 1].expand(17 - len(s), -1))  # the last real state
+        for bad, message in [(mask.flip(1), "right padding only"),
+                             (mask[:, None, :].repeat(1, 17, 1), r"must be causal over right-padded tokens"),
+                             (mask[:, None, None, :], r"expected \(B, S\) = \(3, 17\) or \(B, S, S\)"),
+                             (mask * torch.tensor([[1], [0], [1]]), r"row\(s\) \[1\] have no real token")]:
+            with pytest.raises(ValueError, match=message):
+                base(input_ids=x, attention_mask=bad)
+
+
+def test_hf_sequence_classification_reads_the_last_real_token(exported):
+    model, folder = exported["attn"]
+    cls, info = load_auto(folder, "AutoModelForSequenceClassification", num_labels=3)
+    assert set(info["missing_keys"]) == {"score.weight"}
+    assert 0.01 < cls.score.weight.std().item() < 0.03  # a fresh head, initialised, not left empty
+    base, _ = load_auto(folder, "AutoModel")
+    seqs, x, mask = padded(model.config.vocab_size, [9, 14, 4], model.config.vocab_size - 1, seed=6)
+    labels = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        out = cls(input_ids=x, attention_mask=mask, labels=labels)
+        for r, s in enumerate(seqs):
+            last = base(input_ids=s[None]).last_hidden_state[0, -1]
+            assert (out.logits[r] - cls.score.weight @ last).abs().max().item() < 1e-5
+        want = -torch.log_softmax(out.logits.double(), -1)[torch.arange(3), labels].mean()
+        assert abs(out.loss.item() - want.item()) < 1e-6
 
 def test_hf_tokenizer_matches_tiktoken_odd_strings(exported, enc):
     transformers = transformers_or_skip()
