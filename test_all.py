@@ -54,6 +54,7 @@ import eval as evaluate
 from eval import (BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, main as eval_main, Pair, perplexity,
                   score_pairs, sentence_logprobs)
 import export
+import finetune as ft  # not `finetune`: convert.finetune is imported under that name
 from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy, attention_monotonicity, causal_mask,
                       elu_plus_one, EluFeatureMap, HedgehogFeatureMap, linear_attention_chunkwise,
                       linear_attention_parallel, linear_attention_recurrent, linear_attention_step,
@@ -82,7 +83,8 @@ def rel_err(a, b):
 LAYERS = {"hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,   # math: torch only
           "blalm": 2, "decode": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
           "common": 3,                                             # plumbing
-          "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4}  # scripts
+          "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4,
+          "finetune": 4}  # scripts
 
 
 def project_imports(path):
@@ -4170,6 +4172,108 @@ def test_cli_scores_the_reading_folder(suite_dir, tmp_path, capsys):
     evaluate.main([f"--ckpt={ckpt}", f"--babylm={suite_dir}", "--tasks=reading", "--device=cpu"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == "macro-average: n/a (no accuracy task: reading only)"
 
+
+# =============================================================================
+# finetune.py: a classifier head on the last real token, trained as the BabyLM pipeline's fine-tuning
+
+
+def write_task(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def ending_task(n, seed):
+    """Learnable from the last token alone: label 1 when the sentence ends with '!', 0 with '.'."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "big", "red", "runs", "sees", "a", "the"]
+    return [dict(sentence=" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) + ("!" if y else "."),
+                 label=y) for y in [rng.randint(0, 1) for _ in range(n)]]
+
+
+def test_finetune_learns_a_trivial_task_and_writes_its_results(tmp_path, capsys):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    train_file = write_task(tmp_path / "cola.train.jsonl", ending_task(96, 0))
+    valid_file = write_task(tmp_path / "cola.valid.jsonl", ending_task(60, 1))
+    argv = [f"--ckpt={ckpt}", f"--train={train_file}", f"--valid={valid_file}", "--batch_size=16",
+            "--learning_rate=3e-3", "--num_epochs=4", "--log_interval=3", "--device=cpu", f"--json={tmp_path / 'ft.json'}"]
+    res = ft.main(argv)
+    out = capsys.readouterr().out
+    assert res["task"] == "cola" and res["n_train"] == 96 and len(res["epochs"]) == 4
+    assert res["best"]["accuracy"] >= 0.9  # chance is about 0.5
+    assert res["best"]["accuracy"] == max(e["accuracy"] for e in res["epochs"])
+    assert out.strip().splitlines()[-1].startswith(f"best: accuracy {res['best']['accuracy']:.4f}, f1 ")
+    assert re.search(r"^epoch 1 step 6/24: loss \d\.\d{4}, lr ", out, re.M)  # 96 // 16 = 6 steps an epoch
+    saved = json.loads((tmp_path / "ft.json").read_text())
+    gold = [json.loads(line)["label"] for line in valid_file.read_text().splitlines()]
+    assert sum(p == g for p, g in zip(saved["predictions"], gold)) / 60 == pytest.approx(res["best"]["accuracy"])
+    with pytest.raises(ValueError, match="ft.json exists"):  # an earlier run's results are never replaced silently
+        ft.main(argv)
+
+
+def test_finetune_classifier_reads_the_last_real_token():
+    lm = suite_model(block_size=64).float()
+    model = ft.Classifier(lm, 3, 0.0, 1e-5).eval()
+    seqs = [[256, 5, 9, 3, 7], [256, 8], [256, 1, 2, 4]]
+    x, lengths = ft.batch(seqs, 256)
+    assert lengths.tolist() == [5, 2, 4] and x[1, 2:].tolist() == [256] * 3
+    with torch.no_grad():
+        together = model(x, lengths)
+        for r, s in enumerate(seqs):
+            alone = model(torch.tensor([s]), torch.tensor([len(s)]))
+            assert (together[r] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_finetune_metrics_against_counts():
+    gold, pred = [1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 0, 1, 0]
+    tp, tn, fp, fn = 3, 2, 1, 2
+    m = ft.metrics(pred, gold, 2)
+    assert m["accuracy"] == pytest.approx(5 / 8) and m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    # three labels: Matthews' R_K is the correlation of the one-hot matrices (covariances summed over labels)
+    gold3, pred3 = np.array([0, 1, 2, 2, 1, 0, 2, 1, 1]), np.array([0, 2, 2, 1, 1, 0, 2, 0, 1])
+    X, Y = np.eye(3)[pred3], np.eye(3)[gold3]
+    cov = lambda A, B: ((A - A.mean(0)) * (B - B.mean(0))).sum()
+    m3 = ft.metrics(pred3.tolist(), gold3.tolist(), 3)
+    assert m3["mcc"] == pytest.approx(cov(X, Y) / math.sqrt(cov(X, X) * cov(Y, Y))) and m3["f1"] is None
+    assert ft.metrics([1, 1, 1], [1, 0, 1], 2)["mcc"] == 0.0  # undefined (constant prediction): 0
+
+
+def test_finetune_schedule_warms_up_then_decays_to_min_factor():
+    lr = [ft.lr_factor(s, 100, 6, 0.1) for s in range(101)]
+    assert lr[0] == 0 and lr[3] == pytest.approx(0.5) and lr[6] == pytest.approx(1.0)
+    assert lr[100] == pytest.approx(0.1) and lr[53] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert all(a >= b for a, b in zip(lr[6:], lr[7:]))
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"sentence": "A cat.", "label": 1}', "{not json"], r"line 2: not valid JSON"),
+    ([{"text": "A cat.", "label": 1}], r"line 1: expected field 'sentence' \(task cola\) to be a string"),
+    ([{"sentence": "A cat.", "label": 2}], r"line 1: expected 'label' to be an integer in \[0, 2\); got 2"),
+    ([{"sentence": "A cat.", "label": "1"}], r"expected 'label' to be an integer"),
+    ([], r"holds no examples"),
+])
+def test_finetune_bad_files_name_file_and_line(tmp_path, rows, message):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    good = write_task(tmp_path / "cola.valid.jsonl", ending_task(4, 0))
+    bad = write_task(tmp_path / "cola.train.jsonl", rows)
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*" + message if rows else message):
+        ft.main([f"--ckpt={ckpt}", f"--train={bad}", f"--valid={good}", "--device=cpu"])
+
+
+def test_finetune_bad_flags(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    f = write_task(tmp_path / "x.train.jsonl", ending_task(4, 0))
+    for argv, message in [([f"--train={f}", f"--valid={f}"], "give --ckpt"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}"], r"--task='x' \(from the --train file name\)"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}", "--task=cola", "--metric_for_valid=auc"],
+                           "--metric_for_valid='auc'"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}", "--task=cola", "--num_labels=1"],
+                           "--num_labels=1"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}", "--task=cola", "--batch_size=8"],
+                           "has 4 examples, fewer than --batch_size=8")]:
+        with pytest.raises(ValueError, match=message):
+            ft.main(argv + ["--device=cpu"])
 
 # -----------------------------------------------------------------------------
 # Without transformers: the files as files
