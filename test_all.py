@@ -3868,7 +3868,7 @@ def test_run_evaluates_milestones_in_word_order_and_plots_them(suite_dir, tmp_pa
     run = tmp_path / "run"
     for n, seed in ((10, 1), (2, 2), (1, 3)):  # 10 sorts before 2 as text
         save_tiny(run / f"ckpt_{n}M_words.pt", n * 1_000_000 + 123, seed=seed)
-    save_tiny(run / "ckpt.pt", 0)  # not a milestone
+    save_tiny(run / "ckpt.pt", 0)  # the final checkpoint: the main revision, not a point of the curve
     evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered,wug_adj_nominalization"])
     out = capsys.readouterr().out
     curve = json.loads((run / "babylm_curve.json").read_text())
@@ -3876,8 +3876,9 @@ def test_run_evaluates_milestones_in_word_order_and_plots_them(suite_dir, tmp_pa
     assert [p["words_seen"] for p in curve["points"]] == [1_000_123, 2_000_123, 10_000_123]
     assert set(curve["points"][0]["tasks"]) == {"ewok_filtered", "wug_adj_nominalization"}
     assert (run / "babylm_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.strip().splitlines()[-1] == f"macro-average: {curve['points'][-1]['macro_average']:.2f}"
-    assert "ckpt_10M_words.pt: 10M words" in out
+    assert curve["final"]["ckpt"] == "ckpt.pt" and curve["revisions"][-1] == "main"
+    assert out.strip().splitlines()[-1] == f"macro-average: {curve['final']['macro_average']:.2f}"
+    assert "chck_10M (ckpt_10M_words.pt): 10M words" in out
     evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered",
              f"--plot_out={tmp_path / 'c.png'}"])
     assert (tmp_path / "c.png").stat().st_size > 1000
@@ -4007,6 +4008,65 @@ def test_fast_eval_folder_names_are_the_same_tasks(suite_dir, tmp_path):
     shutil.copytree(fast / "blimp_fast", fast / "blimp_filtered")
     with pytest.raises(ValueError, match="two folders for task blimp_filtered: blimp_f"):
         evaluate.load_babylm(fast)
+
+
+# -----------------------------------------------------------------------------
+# eval.py --run: one JSON with every task's final and per-milestone numbers; Ctrl-C / SIGTERM keep what finished
+
+
+def test_run_summary_holds_every_task_incl_reading_for_each_revision(suite_dir, tmp_path, capsys):
+    write_reading(suite_dir / "reading" / "reading_data.csv", reading_rows(10))
+    run = tmp_path / "run"
+    for n in (1, 2):
+        save_tiny(run / f"ckpt_{n}M_words.pt", n * 1e6, seed=n)
+    save_tiny(run / "ckpt.pt", 3e6, seed=3)
+    evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", f"--json={tmp_path / 'all.json'}"])
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved == json.loads((run / "babylm_curve.json").read_text())
+    assert saved["revisions"] == ["chck_1M", "chck_2M", "main"]
+    assert set(saved["summary"]) == {*evaluate.TASKS, "macro_average", "reading_eye_tracking", "reading_self_paced"}
+    for revision, ckpt in (("chck_1M", "ckpt_1M_words.pt"), ("chck_2M", "ckpt_2M_words.pt"), ("main", "ckpt.pt")):
+        alone = evaluate.main([f"--ckpt={run / ckpt}", f"--babylm={suite_dir}", "--device=cpu"])["babylm"]
+        for task in evaluate.TASKS:
+            assert saved["summary"][task][revision] == pytest.approx(alone["tasks"][task])
+        assert saved["summary"]["reading_eye_tracking"][revision] == pytest.approx(alone["reading"]["eye_tracking"])
+        assert saved["summary"]["reading_self_paced"][revision] == pytest.approx(alone["reading"]["self_paced_reading"])
+    assert [p["reading"]["eye_tracking"] for p in saved["points"]] == \
+        [saved["summary"]["reading_eye_tracking"][r] for r in ("chck_1M", "chck_2M")]
+    assert "reading_self_paced" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_eval_stops_cleanly_on_a_signal_keeping_the_finished_tasks(tmp_path, sig):
+    """A slow second task (many long sentences for a wider model): the signal arrives once the first task is
+    done (its 'done' line on stderr); the finished task is printed and written, with no traceback."""
+    suite = tmp_path / "suite"
+    write_jsonl(suite / "blimp_filtered" / "a.jsonl", [dict(sentence_good="A cat is here.", sentence_bad="A cat are here.")])
+    rng = random.Random(0)
+    long_pairs = [dict(sentence_good=" ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat"]) for _ in range(60)),
+                       sentence_bad="x " * 60) for _ in range(6000)]
+    write_jsonl(suite / "supplement_filtered" / "slow.jsonl", long_pairs)
+    torch.manual_seed(0)
+    model = BLaLM(BLaLMConfig(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256, chunk_size=16, swa_window=8))
+    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=1, tokens_seen=0, words_seen=0,
+                         tokenizer=tokenizer_to_dict(byte_tokenizer())), str(tmp_path / "ckpt.pt"))
+    p = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), f"--ckpt={tmp_path / 'ckpt.pt'}", f"--babylm={suite}",
+                          "--device=cpu", f"--json={tmp_path / 'r.json'}"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in p.stderr:
+        err.append(line)
+        if "blimp_filtered: done" in line:
+            p.send_signal(sig)
+            break
+    out, rest = p.communicate(timeout=120)
+    err = "".join(err) + rest
+    assert p.returncode == 130 and "Traceback" not in err
+    assert "interrupted during task supplement_filtered" in err
+    assert re.search(r"^blimp_filtered +\d+\.\d\d", out, re.M) and "supplement_filtered " not in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["interrupted"] is True and list(saved["babylm"]["tasks"]) == ["blimp_filtered"]
+    assert saved["babylm"]["interrupted"] == "supplement_filtered" and "supplement_filtered" not in saved["babylm"]["uids"]
 
 # -----------------------------------------------------------------------------
 # The reading task (eval.py --babylm with reading/reading_data.csv): the pipeline's protocol by hand
