@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call of the study: unpack the evaluation files, prepare the 8k-vocabulary bins when a run needs them
+# (from the corpus copy in .corpus/), run study.sh under a time limit, and pack the logs and evaluation JSONs into
+# $OUT/study3.tgz. Every run's checkpoints stay on the (warm) machine, so the next call continues where this stopped.
+#
+#   BUDGET=500 JOBS=7 bash results/study3/gpu_call.sh NAME [NAME ...]
+set -u
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+{ nvidia-smi --query-gpu=name,memory.total --format=csv; $PY -c "import torch; print('torch', torch.__version__)"; } \
+  > "$OUT/gpu.txt" 2>&1
+[ -d .evaldata/babylm_eval ] || tar xzf .evaldata/babylm_eval.tgz -C .evaldata
+if grep -q "strict_small_8k" <(for n in "$@"; do grep "^$n " results/study3/queue.txt; done) \
+   && [ ! -f .bins/strict_small_8k/meta.json ]; then
+  $PY prepare.py --source=.corpus --budget_words=10000000 --vocab_size=8192 --out=.bins/strict_small_8k \
+    > "$OUT/prepare_8k.log" 2>&1 &   # study.sh's job waits for its meta.json
+fi
+timeout "${BUDGET:-500}" bash results/study3/study.sh "$@" 2>&1 | tee "$OUT/study.log"
+# at the time limit `timeout` sends SIGTERM to the group: each train.py finishes its step and writes ckpt.pt
+for _ in $(seq 45); do pgrep -f "train.py|eval.py" > /dev/null 2>&1 || break; sleep 1; done
+wait
+tar czf "$OUT/study3.tgz" runs/study3/*.log runs/study3/*.json runs/study3/*/log.jsonl 2>/dev/null
+ls -la "$OUT"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sample-efficiency study, round three (issue 29), on ONE GPU: the runs named on the command line share the card,
+# at most JOBS at a time (the next starts as soon as one ends). Each trains on the STRICT-SMALL bins and its final
+# checkpoint is scored on the BabyLM 2025 folder with eval.py --babylm.
+#
+#   bash results/study3/study.sh NAME [NAME ...]   # runs of queue.txt, by name
+#   JOBS=6 DATA=.bins/strict_small EVAL=.evaldata/babylm_eval bash results/study3/study.sh ...
+#
+# Each run writes runs/study3/NAME/ (git-ignored), NAME.train.log and NAME.eval.json/.log. A run cut off (SIGTERM
+# at the call's time limit: train.py writes ckpt.pt first) continues from its checkpoint when started again; a
+# finished run is not trained again and an evaluated one not evaluated again.
+set -u
+cd "$(dirname "$0")/../.."
+D=${DATA:-.bins/strict_small}
+E=${EVAL:-.evaldata/babylm_eval}
+ROOT=runs/study3
+PY=${PY:-python3}
+COMMON="--preset=strict_small --data=$D --eval_pairs=none --log_interval=50 --eval_iters=20 --eval_interval=100"
+mkdir -p "$ROOT"
+
+flags_of() { awk -v n="$1" '!/^#/ && $1 == n { $1 = ""; print; found = 1 } END { if (!found) exit 1 }' results/study3/queue.txt; }
+
+job() {
+  local name=$1 out=$ROOT/$1 flags resume=False
+  flags=$(flags_of "$name") || { echo "no run $name in queue.txt"; return; }
+  [ -f "$out/ckpt.pt" ] && resume=True
+  # bins that gpu_call.sh is still preparing in the background: wait for them (at most 3 minutes)
+  local d; d=$(grep -o -- "--data=[^ ]*" <<< "$flags" | cut -d= -f2)
+  for _ in $(seq 36); do [ -z "$d" ] || [ -f "$d/meta.json" ] && break; sleep 5; done
+  if ! grep -q "^done" "$out.train.log" 2>/dev/null; then
+    echo "$(date +%T) start $name (resume=$resume): $flags"
+    # the later --data in $flags wins over COMMON's
+    $PY train.py $COMMON $flags ${EXTRA:-} --out_dir="$out" --resume=$resume >> "$out.train.log" 2>&1 \
+      || { echo "$(date +%T) train $name stopped: $(tail -1 "$out.train.log")"; return; }
+  fi
+  if [ ! -f "$out.eval.json" ]; then
+    $PY eval.py --ckpt="$out/ckpt.pt" --babylm="$E" --batch_size=128 --json="$out.eval.json" > "$out.eval.log" 2>&1 \
+      || { echo "$(date +%T) eval $name failed: $(tail -1 "$out.eval.log")"; return; }
+  fi
+  echo "$(date +%T) $name: $(grep -h '^done' "$out.train.log" | tail -1) | $(tail -1 "$out.eval.log")"
+}
+
+for name in "$@"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-6}" ]; do wait -n; done
+  job "$name" &
+done
+wait
