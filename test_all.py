@@ -4281,6 +4281,34 @@ def test_run_summary_holds_every_task_incl_reading_for_each_revision(suite_dir, 
     assert "reading_self_paced" in capsys.readouterr().out
 
 
+def test_run_interrupted_keeps_the_finished_revisions_and_tasks(suite_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    for n in (1, 2):
+        save_tiny(run / f"ckpt_{n}M_words.pt", n * 1e6, seed=n)
+    real, calls = evaluate.score_tasks, []
+
+    def stop_in_the_second_revision(model, enc, tasks, *args):  # Ctrl-C once chck_2M's first task is done
+        calls.append(1)
+        if len(calls) == 2:
+            real(model, enc, {k: v for k, v in list(tasks.items())[:1]}, *args)
+            raise KeyboardInterrupt
+        return real(model, enc, tasks, *args)
+    monkeypatch.setattr(evaluate, "score_tasks", stop_in_the_second_revision)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered,entity_tracking",
+                       f"--json={tmp_path / 'r.json'}"])
+    assert e.value.code == 130
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["interrupted"] is True and saved["revisions"] == ["chck_1M"]
+    assert set(saved["summary"]["ewok_filtered"]) == {"chck_1M"}
+    assert saved["partial"]["revision"] == "chck_2M" and list(saved["partial"]["tasks"]) == ["ewok_filtered"]
+    assert saved["partial"]["interrupted"] == "entity_tracking"
+    captured = capsys.readouterr()
+    assert "interrupted during task entity_tracking: 1 revisions finished" in captured.err
+    assert re.search(r"^chck_2M: ewok_filtered +\d+\.\d\d$", captured.out, re.M)
+    assert not (run / "babylm_curve.json").exists()  # an earlier complete curve would not be replaced by half
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_eval_stops_cleanly_on_a_signal_keeping_the_finished_tasks(tmp_path, sig):
     """A slow second task (many long sentences for a wider model): the signal arrives once the first task is
