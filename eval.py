@@ -50,6 +50,7 @@ import io
 import json
 import math
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -660,6 +661,15 @@ def first_per_uid(items, n):
     return kept
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during score_babylm; .result holds the tasks finished before it (the one it stopped
+    in is named in result["interrupted"])."""
+
+    def __init__(self, result):
+        super().__init__(f"interrupted during task {result['interrupted']}")
+        self.result = result
+
+
 def score_babylm(model, enc, tasks, device=None, batch_size=64, max_items_per_uid=None, progress=False):
     """tasks (load_babylm) -> dict(tasks={task: score}, macro_average=mean of the task scores,
     uids={task: {uid: accuracy}}, n_items={task: {uid: n}}, fields={field: accuracy} (BLiMP, pooled over
@@ -672,11 +682,31 @@ def score_babylm(model, enc, tasks, device=None, batch_size=64, max_items_per_ui
         raise ValueError("no BabyLM tasks to score")
     res = dict(tasks={}, uids={}, n_items={}, fields={}, files={}, wug=None, cut={}, too_long={})
     mean = lambda v: sum(v) / len(v)
+    task = None
+    try:
+        score_tasks(model, enc, tasks, device, batch_size, max_items_per_uid, progress, res, mean)
+    except KeyboardInterrupt:  # keep the finished tasks; drop what the unfinished one had filled in
+        task = next(t for t in tasks if t not in res["tasks"] and t not in res)
+        for key in ("uids", "n_items", "cut", "too_long"):
+            res[key].pop(task, None)
+        res["interrupted"] = task
+    # the mean of the five accuracy tasks; None with reading alone, or when interrupted (not the whole suite)
+    res["macro_average"] = mean(list(res["tasks"].values())) if res["tasks"] and task is None else None
+    if task is not None:
+        raise Interrupted(res)
+    return res
+
+
+def score_tasks(model, enc, tasks, device, batch_size, max_items_per_uid, progress, res, mean):
+    """score_babylm's loop: fills res task by task (a task's score is set last, when it is complete)."""
     for task, items in tasks.items():
+        t0 = time.time()
         if task == READING:
-            t0 = time.time()
-            res["reading"] = score_reading(model, enc, items, device, batch_size)
-            res["reading"]["seconds"] = time.time() - t0
+            reading = score_reading(model, enc, items, device, batch_size)
+            reading["seconds"] = time.time() - t0
+            res[READING] = reading
+            if progress:
+                print(f"  {task}: done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
             continue
         items = first_per_uid(items, max_items_per_uid)
         scores, cut, too_long = score_items(model, enc, items, device, batch_size, progress and task)
@@ -700,11 +730,11 @@ def score_babylm(model, enc, tasks, device=None, batch_size=64, max_items_per_ui
                               spearman=spearman(*zip(*ok)) if len(ok) > 1 else None)
             res["tasks"][task] = res["wug"]["accuracy"]
         else:
-            res["tasks"][task] = mean(list(uids.values()))
             if task == "blimp_filtered":
                 res["fields"] = {f: 100.0 * mean(rs) for f, rs in sorted(by_field.items())}
-    res["macro_average"] = mean(list(res["tasks"].values())) if res["tasks"] else None  # None: reading alone
-    return res
+            res["tasks"][task] = mean(list(uids.values()))
+        if progress:
+            print(f"  {task}: done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
 
 # -----------------------------------------------------------------------------
 # The reading task: surprisal of each word after its context, and how much it adds to regressions of the
@@ -903,23 +933,43 @@ def print_babylm(res, source):
         print(f"{task:<24} {score:6.2f}" + (f"  ({'; '.join(notes)})" if notes else ""))
 
 
+def curve_values(res):
+    """The numbers of one revision that the learning curve and the summary hold: each accuracy task, the
+    macro-average, and the reading task's two scores."""
+    values = dict(res["tasks"])
+    values["macro_average"] = res["macro_average"]
+    if res.get("reading"):
+        values["reading_eye_tracking"] = res["reading"]["eye_tracking"]
+        values["reading_self_paced"] = res["reading"]["self_paced_reading"]
+    return values
+
+
 def plot_curve(points, path):
-    """Each task's score and the macro-average against words seen (log axis), written atomically."""
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
+    """Each task's score and the macro-average against words seen (log axis); a second panel for the reading
+    scores when scored; written atomically."""
+    reading = bool(points[0].get("reading"))
+    fig = Figure(figsize=(7, 7 if reading else 4.5))
+    axes = fig.subplots(2 if reading else 1, 1, squeeze=False)[:, 0]
     x = [p["words_seen"] for p in points]
+    ax = axes[0]
     for task in points[0]["tasks"]:
         ax.plot(x, [p["tasks"][task] for p in points], marker="o", ms=3, label=task)
-    ax.plot(x, [p["macro_average"] for p in points], "k--", marker="o", ms=3, label="macro-average")
-    ax.set_xscale("log")
-    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-        axis(FuncFormatter(lambda v, _: fmt_count(v)))
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("words seen")
+    if points[0]["macro_average"] is not None:
+        ax.plot(x, [p["macro_average"] for p in points], "k--", marker="o", ms=3, label="macro-average")
     ax.set_ylabel("score (%; a tie counts as wrong)")
     ax.set_title("BabyLM 2025 zero-shot suite at each milestone")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if reading:
+        for key, label in (("eye_tracking", "reading: eye-tracking"), ("self_paced_reading", "reading: self-paced")):
+            axes[1].plot(x, [p["reading"][key] for p in points], marker="o", ms=3, label=label)
+        axes[1].set_ylabel("gain in R² (% of possible)")
+    for ax in axes:
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: fmt_count(v)))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("words seen")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -928,36 +978,57 @@ def plot_curve(points, path):
 
 def milestone_checkpoints(run):
     """A run folder's (N, path) for its ckpt_<N>M_words.pt files, sorted by N."""
-    found = [(int(m.group(1)), p) for p in Path(run).iterdir()
-             if (m := re.fullmatch(r"ckpt_(\d+)M_words\.pt", p.name))]
-    if not found:
-        raise FileNotFoundError(f"--run={run} holds no ckpt_<N>M_words.pt milestone checkpoints")
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in Path(run).iterdir()
+                  if (m := re.fullmatch(r"ckpt_(\d+)M_words\.pt", p.name)))
 
 
-def evaluate_run(cfg, suite, device):
-    """--run: the suite at every milestone -> RUN/babylm_curve.json and the figure; returns the points."""
+def evaluate_run(cfg, suite, device, partial=None):
+    """--run: the suite at every milestone (the pipeline's revisions chck_<N>M) and on the final checkpoint
+    (RUN/ckpt.pt, the main revision, when present) -> RUN/babylm_curve.json and the figure of the milestones;
+    returns the result. The JSON holds `summary` = {task: {revision: score}} for every task (the accuracy
+    tasks, macro_average, reading_eye_tracking, reading_self_paced), `final` and `points` (every number of
+    each revision). partial (a dict) is filled as revisions finish, for an interrupted run."""
     run = Path(cfg.run)
     if not run.is_dir():
         raise FileNotFoundError(f"--run={run} is not a folder")
-    paths = milestone_checkpoints(run)
+    revisions = [(f"chck_{n}M", path) for n, path in milestone_checkpoints(run)]
+    if (run / "ckpt.pt").is_file():
+        revisions.append(("main", run / "ckpt.pt"))
+    if not any(name != "main" for name, _ in revisions):
+        raise FileNotFoundError(f"--run={run} holds no ckpt_<N>M_words.pt milestone checkpoints")
     curve, figure = run / "babylm_curve.json", cfg.plot_out or str(run / "babylm_curve.png")
     check_writable(str(curve), "--run")
     check_writable(figure, "--plot_out")
-    print(f"{run}: {len(paths)} milestone checkpoints; {TIE_NOTE}")
-    points = []
-    for milestone, path in paths:
+    print(f"{run}: {len(revisions)} checkpoints ({', '.join(name for name, _ in revisions)}); {TIE_NOTE}")
+    result = partial if partial is not None else {}
+    result.update(run=str(run), babylm=cfg.babylm, max_items_per_uid=cfg.max_pairs or None, revisions=[],
+                  summary={}, final=None, points=[])
+    for name, path in revisions:
         model, enc, ckpt = load_checkpoint(str(path), device)
-        res = score_babylm(model, enc, suite, device, cfg.batch_size, cfg.max_pairs or None, progress=True)
-        words = ckpt.get("words_seen") or milestone * 1e6  # a checkpoint without the count: its file name's
-        print(f"{path.name}: {fmt_count(words)} words, " + ", ".join(f"{t} {s:.2f}" for t, s in res["tasks"].items())
-              + f", macro-average {res['macro_average']:.2f}", flush=True)
-        points.append(dict(ckpt=path.name, words_seen=words, iter=ckpt.get("iter"), **res))
-    result = dict(run=str(run), babylm=cfg.babylm, max_items_per_uid=cfg.max_pairs or None, points=points)
+        try:
+            res = score_babylm(model, enc, suite, device, cfg.batch_size, cfg.max_pairs or None, progress=True)
+        except Interrupted as e:
+            result["partial"] = dict(revision=name, ckpt=path.name, **e.result)
+            raise
+        words = ckpt.get("words_seen") or (int(name[5:-1]) * 1e6 if name != "main" else None)  # else the file name's
+        point = dict(revision=name, ckpt=path.name, words_seen=words, iter=ckpt.get("iter"), **res)
+        values = curve_values(res)
+        print(f"{name} ({path.name}): {fmt_count(words)} words, "
+              + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in values.items()), flush=True)
+        result["revisions"].append(name)
+        for k, v in values.items():
+            result["summary"].setdefault(k, {})[name] = v
+        if name == "main":
+            result["final"] = point
+        else:
+            result["points"].append(point)
     write_json(result, curve)
-    plot_curve(points, figure)
+    plot_curve(result["points"], figure)
     print(f"wrote {curve} and {figure}")
-    print(f"macro-average: {points[-1]['macro_average']:.2f}")  # of the last milestone
+    last = result["final"] or result["points"][-1]
+    m = last["macro_average"]
+    print(f"the macro-average below is {last['revision']}'s ({last['ckpt']})")
+    print(f"macro-average: {'n/a' if m is None else f'{m:.2f}'}")
     return result
 
 # -----------------------------------------------------------------------------
@@ -996,16 +1067,45 @@ def main(argv):
     if text == "":
         raise ValueError(f"--text={cfg.text} is empty")
     device = pick_device(cfg.device)
-    if cfg.run:
-        result = evaluate_run(cfg, suite, device)
-        if cfg.json:
-            write_json(result, cfg.json)
-        return result
+    results = {}  # filled as the work goes: what an interruption keeps
+    try:
+        if cfg.run:
+            evaluate_run(cfg, suite, device, results)
+            if cfg.json:
+                write_json(results, cfg.json)
+            return results
+        return evaluate_checkpoint(cfg, suite, pairs, suite_of, text, device, results)
+    except (KeyboardInterrupt, Interrupted) as e:
+        stopped(cfg, results, e)
 
+
+def stopped(cfg, results, e):
+    """Ctrl-C or SIGTERM: print and write (--json) the tasks finished before it, say so on stderr, exit 130."""
+    partial = e.result if isinstance(e, Interrupted) else None
+    if partial is not None and not cfg.run:
+        results["babylm"] = partial
+        if partial["uids"] or partial.get(READING):
+            print_babylm(partial, cfg.babylm)
+    elif partial is not None:
+        for task, score in partial["tasks"].items():
+            print(f"{results['partial']['revision']}: {task:<24} {score:6.2f}")
+    results["interrupted"] = True
+    where = f" during task {partial['interrupted']}" if partial is not None else ""
+    done = (f"{len(results.get('revisions', []))} revisions finished" if cfg.run else
+            "finished: " + (", ".join(k for k in ("text", "babylm", "paradigms") if k in results) or "nothing"))
+    wrote = f"; wrote them to {cfg.json}" if cfg.json else ""
+    if cfg.json:
+        write_json(results, cfg.json)
+    print(f"interrupted{where}: {done}{wrote}", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+def evaluate_checkpoint(cfg, suite, pairs, suite_of, text, device, results):
+    """--ckpt: perplexity, the suite, the minimal pairs of one checkpoint -> results (filled as they finish)."""
     model, enc, ckpt = load_checkpoint(cfg.ckpt, device)
     print(f"{cfg.ckpt}: iter {ckpt.get('iter')}, {fmt_count(ckpt.get('words_seen'))} words seen, "
           f"mixer={model.config.mixer}")
-    results = dict(ckpt=cfg.ckpt, iter=ckpt.get("iter"), words_seen=ckpt.get("words_seen"))
+    results.update(ckpt=cfg.ckpt, iter=ckpt.get("iter"), words_seen=ckpt.get("words_seen"))
     if text is not None:
         r = results["text"] = perplexity(model, enc, text, device, max(1, cfg.batch_size // 8))
         print(f"{cfg.text}: ppl {r['ppl']:.3f}, bits per byte {r['bits_per_byte']:.4f}, {r['tokens']} tokens")
@@ -1037,5 +1137,10 @@ def main(argv):
     return results
 
 
+def terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops as Ctrl-C does: what finished is kept (main)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
     run_cli(main)

@@ -1,6 +1,9 @@
 """
 A checkpoint as a Hugging Face model folder, the form the official BabyLM 2025 evaluation pipeline loads
-(AutoModelForCausalLM and AutoTokenizer with trust_remote_code=True; milestones as revisions chck_<N>M).
+(AutoModelForCausalLM for zero-shot scoring and reading, AutoModel for its fine-tuning, and
+AutoModelForSequenceClassification, with AutoTokenizer and trust_remote_code=True; milestones as revisions
+chck_<N>M). The pipeline's fine-tuning classifies from the last real token with --take_final (without
+--causal; see results/pipeline/README.md).
 
     python export.py --ckpt=out/blalm/ckpt_best.pt --out=hf/blalm   # one checkpoint
     python export.py --run=out/blalm --out=hf/blalm                 # ckpt.pt, and each ckpt_<N>M_words.pt
@@ -38,7 +41,9 @@ ROOT = Path(__file__).resolve().parent
 WRAPPER_DIR = ROOT / "hf_code"
 WRAPPER_FILES = ("configuration_blalm.py", "modeling_blalm.py")
 MODEL_FILES = ("blalm.py", "decode.py", "hedgehog.py", "mlstm_triton.py", "conv_triton.py")  # copied, imports made relative
-AUTO_MAP = {"AutoConfig": "configuration_blalm.BLaLMHFConfig", "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM"}
+AUTO_MAP = {"AutoConfig": "configuration_blalm.BLaLMHFConfig", "AutoModel": "modeling_blalm.BLaLMModel",
+            "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_blalm.BLaLMForSequenceClassification"}
 MILESTONE = re.compile(r"ckpt_(\d+)M_words\.pt")
 
 
@@ -93,7 +98,7 @@ def bpe_merges(ranks):
 
 def tokenizer_files(enc, model_max_length=None):
     """-> {file name: JSON object}: tokenizer.json, tokenizer_config.json, special_tokens_map.json for the
-    tiktoken Encoding enc. BOS = EOS = unk = <|endoftext|>; the post-processor prepends BOS when special tokens
+    tiktoken Encoding enc. BOS = EOS = unk = pad = <|endoftext|>; the post-processor prepends BOS when special tokens
     are added (transformers' default), so the pipeline scores the first word given BOS, as eval.py does."""
     if EOT not in enc._special_tokens:
         raise ValueError(f"the tokenizer has no {EOT} token (special tokens: {sorted(enc._special_tokens)}); "
@@ -125,6 +130,7 @@ def tokenizer_files(enc, model_max_length=None):
                   "merges": [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]},
     }
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+              "pad_token": EOT,  # padding=True (the pipeline's fine-tuning) needs one; right padding, masked
               "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "split_special_tokens": True,  # "<|endoftext|>" inside a text is text, as in encode_ordinary
               "padding_side": "right",
@@ -132,7 +138,7 @@ def tokenizer_files(enc, model_max_length=None):
     if model_max_length:
         config["model_max_length"] = model_max_length
     return {"tokenizer.json": tokenizer, "tokenizer_config.json": config,
-            "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}}
+            "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}}
 
 # -----------------------------------------------------------------------------
 # Weights: safetensors
@@ -215,7 +221,8 @@ def model_code():
 def hf_config(config, eot):
     """config.json: transformers' keys and the BLaLMConfig fields, flat."""
     return {"architectures": ["BLaLMForCausalLM"], "model_type": "blalm", "auto_map": AUTO_MAP,
-            **config.to_dict(), "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
+            **config.to_dict(), "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
             "torch_dtype": "float32"}
 
 
@@ -249,7 +256,9 @@ def export_checkpoint(path, out):
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
         "tokenizer = AutoTokenizer.from_pretrained(PATH)  # prepends <|endoftext|> as BOS\n```\n\n"
         "forward(input_ids, attention_mask=None, labels=None) returns logits (and the loss of labels); "
-        "pad on the right.\n"))
+        "pad on the right. AutoModel gives the base model (last_hidden_state; hidden_states with "
+        "output_hidden_states=True; padded positions repeat the last real token's state), "
+        "AutoModelForSequenceClassification a linear head on the last real token.\n"))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

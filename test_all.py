@@ -55,6 +55,7 @@ import eval as evaluate
 from eval import (BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, main as eval_main, Pair, perplexity,
                   score_pairs, sentence_logprobs)
 import export
+import finetune as ft  # not `finetune`: convert.finetune is imported under that name
 from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy, attention_monotonicity, causal_mask,
                       elu_plus_one, EluFeatureMap, HedgehogFeatureMap, linear_attention_chunkwise,
                       linear_attention_parallel, linear_attention_recurrent, linear_attention_step,
@@ -83,7 +84,8 @@ def rel_err(a, b):
 LAYERS = {"hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,   # math: torch only
           "blalm": 2, "decode": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
           "common": 3,                                             # plumbing
-          "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4}  # scripts
+          "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4,
+          "finetune": 4}  # scripts
 
 
 def project_imports(path):
@@ -4111,7 +4113,7 @@ def test_run_evaluates_milestones_in_word_order_and_plots_them(suite_dir, tmp_pa
     run = tmp_path / "run"
     for n, seed in ((10, 1), (2, 2), (1, 3)):  # 10 sorts before 2 as text
         save_tiny(run / f"ckpt_{n}M_words.pt", n * 1_000_000 + 123, seed=seed)
-    save_tiny(run / "ckpt.pt", 0)  # not a milestone
+    save_tiny(run / "ckpt.pt", 0)  # the final checkpoint: the main revision, not a point of the curve
     evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered,wug_adj_nominalization"])
     out = capsys.readouterr().out
     curve = json.loads((run / "babylm_curve.json").read_text())
@@ -4119,8 +4121,9 @@ def test_run_evaluates_milestones_in_word_order_and_plots_them(suite_dir, tmp_pa
     assert [p["words_seen"] for p in curve["points"]] == [1_000_123, 2_000_123, 10_000_123]
     assert set(curve["points"][0]["tasks"]) == {"ewok_filtered", "wug_adj_nominalization"}
     assert (run / "babylm_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.strip().splitlines()[-1] == f"macro-average: {curve['points'][-1]['macro_average']:.2f}"
-    assert "ckpt_10M_words.pt: 10M words" in out
+    assert curve["final"]["ckpt"] == "ckpt.pt" and curve["revisions"][-1] == "main"
+    assert out.strip().splitlines()[-1] == f"macro-average: {curve['final']['macro_average']:.2f}"
+    assert "chck_10M (ckpt_10M_words.pt): 10M words" in out
     evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered",
              f"--plot_out={tmp_path / 'c.png'}"])
     assert (tmp_path / "c.png").stat().st_size > 1000
@@ -4250,6 +4253,93 @@ def test_fast_eval_folder_names_are_the_same_tasks(suite_dir, tmp_path):
     shutil.copytree(fast / "blimp_fast", fast / "blimp_filtered")
     with pytest.raises(ValueError, match="two folders for task blimp_filtered: blimp_f"):
         evaluate.load_babylm(fast)
+
+
+# -----------------------------------------------------------------------------
+# eval.py --run: one JSON with every task's final and per-milestone numbers; Ctrl-C / SIGTERM keep what finished
+
+
+def test_run_summary_holds_every_task_incl_reading_for_each_revision(suite_dir, tmp_path, capsys):
+    write_reading(suite_dir / "reading" / "reading_data.csv", reading_rows(10))
+    run = tmp_path / "run"
+    for n in (1, 2):
+        save_tiny(run / f"ckpt_{n}M_words.pt", n * 1e6, seed=n)
+    save_tiny(run / "ckpt.pt", 3e6, seed=3)
+    evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", f"--json={tmp_path / 'all.json'}"])
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved == json.loads((run / "babylm_curve.json").read_text())
+    assert saved["revisions"] == ["chck_1M", "chck_2M", "main"]
+    assert set(saved["summary"]) == {*evaluate.TASKS, "macro_average", "reading_eye_tracking", "reading_self_paced"}
+    for revision, ckpt in (("chck_1M", "ckpt_1M_words.pt"), ("chck_2M", "ckpt_2M_words.pt"), ("main", "ckpt.pt")):
+        alone = evaluate.main([f"--ckpt={run / ckpt}", f"--babylm={suite_dir}", "--device=cpu"])["babylm"]
+        for task in evaluate.TASKS:
+            assert saved["summary"][task][revision] == pytest.approx(alone["tasks"][task])
+        assert saved["summary"]["reading_eye_tracking"][revision] == pytest.approx(alone["reading"]["eye_tracking"])
+        assert saved["summary"]["reading_self_paced"][revision] == pytest.approx(alone["reading"]["self_paced_reading"])
+    assert [p["reading"]["eye_tracking"] for p in saved["points"]] == \
+        [saved["summary"]["reading_eye_tracking"][r] for r in ("chck_1M", "chck_2M")]
+    assert "reading_self_paced" in capsys.readouterr().out
+
+
+def test_run_interrupted_keeps_the_finished_revisions_and_tasks(suite_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    for n in (1, 2):
+        save_tiny(run / f"ckpt_{n}M_words.pt", n * 1e6, seed=n)
+    real, calls = evaluate.score_tasks, []
+
+    def stop_in_the_second_revision(model, enc, tasks, *args):  # Ctrl-C once chck_2M's first task is done
+        calls.append(1)
+        if len(calls) == 2:
+            real(model, enc, {k: v for k, v in list(tasks.items())[:1]}, *args)
+            raise KeyboardInterrupt
+        return real(model, enc, tasks, *args)
+    monkeypatch.setattr(evaluate, "score_tasks", stop_in_the_second_revision)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([f"--run={run}", f"--babylm={suite_dir}", "--device=cpu", "--tasks=ewok_filtered,entity_tracking",
+                       f"--json={tmp_path / 'r.json'}"])
+    assert e.value.code == 130
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["interrupted"] is True and saved["revisions"] == ["chck_1M"]
+    assert set(saved["summary"]["ewok_filtered"]) == {"chck_1M"}
+    assert saved["partial"]["revision"] == "chck_2M" and list(saved["partial"]["tasks"]) == ["ewok_filtered"]
+    assert saved["partial"]["interrupted"] == "entity_tracking"
+    captured = capsys.readouterr()
+    assert "interrupted during task entity_tracking: 1 revisions finished" in captured.err
+    assert re.search(r"^chck_2M: ewok_filtered +\d+\.\d\d$", captured.out, re.M)
+    assert not (run / "babylm_curve.json").exists()  # an earlier complete curve would not be replaced by half
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_eval_stops_cleanly_on_a_signal_keeping_the_finished_tasks(tmp_path, sig):
+    """A slow second task (many long sentences for a wider model): the signal arrives once the first task is
+    done (its 'done' line on stderr); the finished task is printed and written, with no traceback."""
+    suite = tmp_path / "suite"
+    write_jsonl(suite / "blimp_filtered" / "a.jsonl", [dict(sentence_good="A cat is here.", sentence_bad="A cat are here.")])
+    rng = random.Random(0)
+    long_pairs = [dict(sentence_good=" ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat"]) for _ in range(60)),
+                       sentence_bad="x " * 60) for _ in range(6000)]
+    write_jsonl(suite / "supplement_filtered" / "slow.jsonl", long_pairs)
+    torch.manual_seed(0)
+    model = BLaLM(BLaLMConfig(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256, chunk_size=16, swa_window=8))
+    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=1, tokens_seen=0, words_seen=0,
+                         tokenizer=tokenizer_to_dict(byte_tokenizer())), str(tmp_path / "ckpt.pt"))
+    p = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), f"--ckpt={tmp_path / 'ckpt.pt'}", f"--babylm={suite}",
+                          "--device=cpu", f"--json={tmp_path / 'r.json'}"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in p.stderr:
+        err.append(line)
+        if "blimp_filtered: done" in line:
+            p.send_signal(sig)
+            break
+    out, rest = p.communicate(timeout=120)
+    err = "".join(err) + rest
+    assert p.returncode == 130 and "Traceback" not in err
+    assert "interrupted during task supplement_filtered" in err
+    assert re.search(r"^blimp_filtered +\d+\.\d\d", out, re.M) and "supplement_filtered " not in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["interrupted"] is True and list(saved["babylm"]["tasks"]) == ["blimp_filtered"]
+    assert saved["babylm"]["interrupted"] == "supplement_filtered" and "supplement_filtered" not in saved["babylm"]["uids"]
 
 # -----------------------------------------------------------------------------
 # The reading task (eval.py --babylm with reading/reading_data.csv): the pipeline's protocol by hand
@@ -4416,6 +4506,108 @@ def test_cli_scores_the_reading_folder(suite_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "macro-average: n/a (no accuracy task: reading only)"
 
 
+# =============================================================================
+# finetune.py: a classifier head on the last real token, trained as the BabyLM pipeline's fine-tuning
+
+
+def write_task(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def ending_task(n, seed):
+    """Learnable from the last token alone: label 1 when the sentence ends with '!', 0 with '.'."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "big", "red", "runs", "sees", "a", "the"]
+    return [dict(sentence=" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) + ("!" if y else "."),
+                 label=y) for y in [rng.randint(0, 1) for _ in range(n)]]
+
+
+def test_finetune_learns_a_trivial_task_and_writes_its_results(tmp_path, capsys):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    train_file = write_task(tmp_path / "cola.train.jsonl", ending_task(96, 0))
+    valid_file = write_task(tmp_path / "cola.valid.jsonl", ending_task(60, 1))
+    argv = [f"--ckpt={ckpt}", f"--train={train_file}", f"--valid={valid_file}", "--batch_size=16",
+            "--learning_rate=3e-3", "--num_epochs=4", "--log_interval=3", "--device=cpu", f"--json={tmp_path / 'ft.json'}"]
+    res = ft.main(argv)
+    out = capsys.readouterr().out
+    assert res["task"] == "cola" and res["n_train"] == 96 and len(res["epochs"]) == 4
+    assert res["best"]["accuracy"] >= 0.9  # chance is about 0.5
+    assert res["best"]["accuracy"] == max(e["accuracy"] for e in res["epochs"])
+    assert out.strip().splitlines()[-1].startswith(f"best: accuracy {res['best']['accuracy']:.4f}, f1 ")
+    assert re.search(r"^epoch 1 step 6/24: loss \d\.\d{4}, lr ", out, re.M)  # 96 // 16 = 6 steps an epoch
+    saved = json.loads((tmp_path / "ft.json").read_text())
+    gold = [json.loads(line)["label"] for line in valid_file.read_text().splitlines()]
+    assert sum(p == g for p, g in zip(saved["predictions"], gold)) / 60 == pytest.approx(res["best"]["accuracy"])
+    with pytest.raises(ValueError, match="ft.json exists"):  # an earlier run's results are never replaced silently
+        ft.main(argv)
+
+
+def test_finetune_classifier_reads_the_last_real_token():
+    lm = suite_model(block_size=64).float()
+    model = ft.Classifier(lm, 3, 0.0, 1e-5).eval()
+    seqs = [[256, 5, 9, 3, 7], [256, 8], [256, 1, 2, 4]]
+    x, lengths = ft.batch(seqs, 256)
+    assert lengths.tolist() == [5, 2, 4] and x[1, 2:].tolist() == [256] * 3
+    with torch.no_grad():
+        together = model(x, lengths)
+        for r, s in enumerate(seqs):
+            alone = model(torch.tensor([s]), torch.tensor([len(s)]))
+            assert (together[r] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_finetune_metrics_against_counts():
+    gold, pred = [1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 0, 1, 0]
+    tp, tn, fp, fn = 3, 2, 1, 2
+    m = ft.metrics(pred, gold, 2)
+    assert m["accuracy"] == pytest.approx(5 / 8) and m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    # three labels: Matthews' R_K is the correlation of the one-hot matrices (covariances summed over labels)
+    gold3, pred3 = np.array([0, 1, 2, 2, 1, 0, 2, 1, 1]), np.array([0, 2, 2, 1, 1, 0, 2, 0, 1])
+    X, Y = np.eye(3)[pred3], np.eye(3)[gold3]
+    cov = lambda A, B: ((A - A.mean(0)) * (B - B.mean(0))).sum()
+    m3 = ft.metrics(pred3.tolist(), gold3.tolist(), 3)
+    assert m3["mcc"] == pytest.approx(cov(X, Y) / math.sqrt(cov(X, X) * cov(Y, Y))) and m3["f1"] is None
+    assert ft.metrics([1, 1, 1], [1, 0, 1], 2)["mcc"] == 0.0  # undefined (constant prediction): 0
+
+
+def test_finetune_schedule_warms_up_then_decays_to_min_factor():
+    lr = [ft.lr_factor(s, 100, 6, 0.1) for s in range(101)]
+    assert lr[0] == 0 and lr[3] == pytest.approx(0.5) and lr[6] == pytest.approx(1.0)
+    assert lr[100] == pytest.approx(0.1) and lr[53] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert all(a >= b for a, b in zip(lr[6:], lr[7:]))
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"sentence": "A cat.", "label": 1}', "{not json"], r"line 2: not valid JSON"),
+    ([{"text": "A cat.", "label": 1}], r"line 1: expected field 'sentence' \(task cola\) to be a string"),
+    ([{"sentence": "A cat.", "label": 2}], r"line 1: expected 'label' to be an integer in \[0, 2\); got 2"),
+    ([{"sentence": "A cat.", "label": "1"}], r"expected 'label' to be an integer"),
+    ([], r"holds no examples"),
+])
+def test_finetune_bad_files_name_file_and_line(tmp_path, rows, message):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    good = write_task(tmp_path / "cola.valid.jsonl", ending_task(4, 0))
+    bad = write_task(tmp_path / "cola.train.jsonl", rows)
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*" + message if rows else message):
+        ft.main([f"--ckpt={ckpt}", f"--train={bad}", f"--valid={good}", "--device=cpu"])
+
+
+def test_finetune_bad_flags(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt.pt", 1e6)
+    f = write_task(tmp_path / "x.train.jsonl", ending_task(4, 0))
+    for argv, message in [([f"--train={f}", f"--valid={f}"], "give --ckpt"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}"], r"--task='x' \(from the --train file name\)"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}", "--task=cola", "--metric_for_valid=auc"],
+                           "--metric_for_valid='auc'"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}", "--task=cola", "--num_labels=1"],
+                           "--num_labels=1"),
+                          ([f"--ckpt={ckpt}", f"--train={f}", f"--valid={f}", "--task=cola", "--batch_size=8"],
+                           "has 4 examples, fewer than --batch_size=8")]:
+        with pytest.raises(ValueError, match=message):
+            ft.main(argv + ["--device=cpu"])
+
 # -----------------------------------------------------------------------------
 # Without transformers: the files as files
 
@@ -4481,7 +4673,9 @@ def test_export_folder_files(exported, enc):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "blalm" and config["architectures"] == ["BLaLMForCausalLM"]
     assert config["auto_map"] == {"AutoConfig": "configuration_blalm.BLaLMHFConfig",
-                                  "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM"}
+                                  "AutoModel": "modeling_blalm.BLaLMModel",
+                                  "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM",
+                                  "AutoModelForSequenceClassification": "modeling_blalm.BLaLMForSequenceClassification"}
     assert config["bos_token_id"] == config["eos_token_id"] == enc.eot_token
     assert BLaLMConfig.from_dict({k: config[k] for k in BLaLMConfig().to_dict()}) == \
         BLaLMConfig(**{**model.config.to_dict(), "mlstm_kernel": "torch"})
@@ -4683,6 +4877,81 @@ def test_hf_loss_is_next_token_cross_entropy(exported, hf):
         assert abs(out.loss.item() - want.item()) < 1e-5
         assert hf(input_ids=idx, labels=labels, return_dict=False)[0].item() == out.loss.item()
 
+
+# -----------------------------------------------------------------------------
+# AutoModel and AutoModelForSequenceClassification (the BabyLM pipeline's fine-tuning loads AutoModel)
+
+
+def load_auto(folder, kind, **kw):
+    transformers = transformers_or_skip()
+    return getattr(transformers, kind).from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                       output_loading_info=True, **kw)
+
+
+def padded(vocab_size, lengths, pad, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab_size, (n,), generator=g) for n in lengths]
+    x = torch.full((len(seqs), max(lengths)), pad)
+    mask = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)], mask[r, :len(s)] = s, 1
+    return seqs, x, mask
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_hf_auto_model_hidden_states_are_blalms(exported, mixer):
+    model, folder = exported[mixer]
+    base, info = load_auto(folder, "AutoModel")
+    assert type(base).__name__ == "BLaLMModel" and not info["missing_keys"] and not info["unexpected_keys"]
+    assert base.config.hidden_size == model.config.n_embd == json.loads((folder / "config.json").read_text())["hidden_size"]
+    idx = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = base(input_ids=idx, output_hidden_states=True)
+        logits, _ = model(idx)
+        wte = model.transformer.wte.weight
+        # the final states through the (tied) output matrix are BLaLM's logits; the first state is the embedding
+        assert (out.last_hidden_state @ wte.T - logits).abs().max().item() < 1e-4
+        first = wte[idx] + (model.transformer.wpe.weight[:23] if model.learned_pos else 0)
+        assert len(out.hidden_states) == model.config.n_layer + 1
+        assert torch.allclose(out.hidden_states[0], first) and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+        assert base(input_ids=idx).hidden_states is None
+
+
+def test_hf_auto_model_padding_and_mask_shapes(exported):
+    model, folder = exported["mlstm"]
+    base, _ = load_auto(folder, "AutoModel")
+    seqs, x, mask = padded(model.config.vocab_size, [17, 6, 11], model.config.vocab_size - 1)
+    causal = mask[:, None, :].repeat(1, 17, 1).tril()  # what the pipeline passes with --causal
+    with torch.no_grad():
+        h = base(input_ids=x, attention_mask=mask).last_hidden_state
+        assert torch.equal(base(input_ids=x, attention_mask=causal).last_hidden_state, h)
+        for r, s in enumerate(seqs):
+            alone = base(input_ids=s[None]).last_hidden_state[0]
+            assert (h[r, :len(s)] - alone).abs().max().item() < 1e-5
+            assert torch.equal(h[r, len(s):], h[r, len(s) - 1].expand(17 - len(s), -1))  # the last real state
+        for bad, message in [(mask.flip(1), "right padding only"),
+                             (mask[:, None, :].repeat(1, 17, 1), r"must be causal over right-padded tokens"),
+                             (mask[:, None, None, :], r"expected \(B, S\) = \(3, 17\) or \(B, S, S\)"),
+                             (mask * torch.tensor([[1], [0], [1]]), r"row\(s\) \[1\] have no real token")]:
+            with pytest.raises(ValueError, match=message):
+                base(input_ids=x, attention_mask=bad)
+
+
+def test_hf_sequence_classification_reads_the_last_real_token(exported):
+    model, folder = exported["attn"]
+    cls, info = load_auto(folder, "AutoModelForSequenceClassification", num_labels=3)
+    assert set(info["missing_keys"]) == {"score.weight"}
+    assert 0.01 < cls.score.weight.std().item() < 0.03  # a fresh head, initialised, not left empty
+    base, _ = load_auto(folder, "AutoModel")
+    seqs, x, mask = padded(model.config.vocab_size, [9, 14, 4], model.config.vocab_size - 1, seed=6)
+    labels = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        out = cls(input_ids=x, attention_mask=mask, labels=labels)
+        for r, s in enumerate(seqs):
+            last = base(input_ids=s[None]).last_hidden_state[0, -1]
+            assert (out.logits[r] - cls.score.weight @ last).abs().max().item() < 1e-5
+        want = -torch.log_softmax(out.logits.double(), -1)[torch.arange(3), labels].mean()
+        assert abs(out.loss.item() - want.item()) < 1e-6
 
 def test_hf_tokenizer_matches_tiktoken_odd_strings(exported, enc):
     transformers = transformers_or_skip()

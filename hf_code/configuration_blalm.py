@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # never run: transformers < 5 copies out of a local folder on
 
 class BLaLMHFConfig(PretrainedConfig):
     model_type = "blalm"
+    # transformers' names of the sizes (the BabyLM pipeline's fine-tuning reads config.hidden_size)
+    attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 
     def __init__(self, **kwargs):
         ours = {f.name: kwargs.pop(f.name, f.default) for f in fields(BLaLMConfig)}
