@@ -365,14 +365,14 @@ def bench_short_conv(c, device, gpu):
 
 
 def model_pair(gpu, T):
-    """BLaLM (the strict_small shape), with the fused Triton kernels too where triton is installed,
-    and the softmax baseline of the same width and depth."""
+    """-> {name: (config, kernels)}: BLaLM (the strict_small shape), with the fused Triton kernels too where
+    triton is installed, and the softmax baseline of the same width and depth."""
     shape = dict(n_layer=12, n_head=7, n_embd=448, vocab_size=16384) if gpu else \
         dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256)
-    models = {"blalm": BLaLMConfig(block_size=T, **shape)}
+    models = {"blalm": (BLaLMConfig(block_size=T, **shape), "torch")}
     if gpu and importlib.util.find_spec("triton") is not None:
-        models["blalm triton"] = BLaLMConfig(block_size=T, mlstm_kernel="triton", **shape)
-    models["softmax"] = BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape)
+        models["blalm triton"] = (BLaLMConfig(block_size=T, **shape), "triton")
+    models["softmax"] = (BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape), "torch")
     return models
 
 
@@ -381,7 +381,7 @@ def bench_train(c, device, gpu, with_optim=False):
     peak_flops = device_peak_flops(device)
     for T in ([int(t) for t in c.train_lengths.split(",")] if gpu else [64]):
         B = max(1, (32768 if gpu else 256) // T)
-        for name, cfg in model_pair(gpu, T).items():
+        for name, (cfg, kernels) in model_pair(gpu, T).items():
             if not selected(c, name):
                 continue
             # every model compiled from scratch: the blocks of all models share Block.forward's code, so without a
@@ -389,7 +389,7 @@ def bench_train(c, device, gpu, with_optim=False):
             # model's step took 123 ms after two other models, 63 ms in a fresh process)
             torch.compiler.reset()
             torch.manual_seed(0)
-            model = BLaLM(cfg).to(device)
+            model = BLaLM(cfg).set_kernels(kernels).to(device)
             opts = {"muon": configure_optimizers(model, "muon", verbose=False),
                     "adamw": configure_optimizers(model, "adamw", verbose=False)}
             if gpu:
@@ -485,11 +485,11 @@ def bench_decode(c, device, gpu):
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     passes = [p for p in ([m for m in modes if m in ("eager", "static", "graph", "generate")],
                           [m for m in modes if m in ("compiled", "generate_compiled")]) if p]
-    for name, cfg in model_pair(gpu, max(contexts) + room).items():
+    for name, (cfg, kernels) in model_pair(gpu, max(contexts) + room).items():
         if name == "blalm triton" or not selected(c, name):  # decoding is one mlstm_step per token: no chunkwise kernel
             continue
         torch.manual_seed(0)
-        model = BLaLM(cfg).to(device).eval()
+        model = BLaLM(cfg).set_kernels(kernels).to(device).eval()
         if gpu:
             model = model.to(torch.bfloat16)
         for pass_modes in passes:

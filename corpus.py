@@ -26,6 +26,7 @@ check_prepared(out_dir, source, ...) says whether a folder is a preparation of e
 before it reuses one).
 """
 
+import codecs
 import gzip
 import hashlib
 import inspect
@@ -38,6 +39,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
+import zlib
 from collections import Counter, defaultdict, namedtuple
 from functools import lru_cache
 from heapq import heapify, heappop, heappush
@@ -49,8 +51,9 @@ import regex  # tiktoken's own dependency; needed for the \p{L} classes of the G
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_SPLIT_PATTERN
 
 
-from data import (FORMAT, META_FILE, TOKENIZER_FILE, check_out_dir, encoding_from_ranks, gpt2_encoding, load_meta,
-                  ranks_to_text, remove_stray_temps, sha256_file, temp_prefix, words_per_token, write_atomic)
+from common import check_writable, remove_stray_temps, temp_prefix, write_atomic
+from data import (FORMAT, META_FILE, TOKENIZER_FILE, encoding_from_ranks, gpt2_encoding, load_meta, ranks_to_text,
+                  sha256_file, words_per_token)
 from synthetic import PHENOMENA, synthetic_corpus, synthetic_minimal_pairs
 
 BABYLM_SPLITS = {".train": "train", ".dev": "dev", ".test": "test"}
@@ -104,6 +107,38 @@ def find_source_files(source):
                                  f"point --source at one release folder (several may be joined with commas)")
             seen[key] = f.path
     return files, ignored
+
+
+def check_file(path):
+    """Read a corpus file whole (gzip by suffix) -> how many bytes are not valid UTF-8 (each becomes U+FFFD
+    when read). A truncated or non-gzip .gz, or an unreadable file, is a one-line error naming the file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    decoder, replaced = codecs.getincrementaldecoder("utf-8")("replace"), 0
+    try:
+        with opener(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                text = decoder.decode(chunk)
+                replaced += text.count("\ufffd") - chunk.count(b"\xef\xbf\xbd")
+            replaced += decoder.decode(b"", final=True).count("\ufffd")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: not a whole gzip file ({type(e).__name__}: {e}); re-download or re-compress it, "
+                         "or remove it from the corpus") from None
+    return max(replaced, 0)
+
+
+def check_source(source, strict_utf8=False, log=print):
+    """Before any long work: every file of a corpus reads to its end; one that is not valid UTF-8 is named on
+    the console with its count of replaced bytes (with strict_utf8: an error instead)."""
+    files, _ = find_source_files(source)
+    for f in files:
+        replaced = check_file(f.path)
+        if replaced and strict_utf8:
+            raise ValueError(f"{f.path} is not valid UTF-8 ({replaced:,} bytes cannot be decoded); convert it "
+                             "(iconv -f latin1 -t utf-8), or leave out --strict_utf8=True to read them as U+FFFD")
+        if replaced:
+            log(f"warning: {f.path} is not valid UTF-8: {replaced:,} bytes read as U+FFFD "
+                "(--strict_utf8=True refuses such a file)")
+    return files
 
 
 def read_lines(path, counts):
@@ -616,7 +651,7 @@ def default_out_dir(source):
 
 def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.01, seed=1337, curriculum=False,
             tokenizer="bpe", sources="", exclude=DEFAULT_EXCLUDE, doc_words=1000, min_doc_words=10,
-            synthetic_words=1_000_000, pairs_per_phenomenon=1000, verbose=True):
+            synthetic_words=1_000_000, pairs_per_phenomenon=1000, strict_utf8=False, checked=False, verbose=True):
     """Corpus -> out_dir/{train.bin, val.bin, tokenizer.tiktoken, meta.json, report.md, readability.png}
     (+ pairs/*.jsonl for the synthetic source). Returns meta.
 
@@ -626,7 +661,9 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
     ("source/stem") to leave out, but never a source named in `sources`.
     Everything is written to a temporary folder next to out_dir and moved in at the end, meta.json last;
     meta.json's "settings" record what it was prepared from and with (see check_prepared). The temporary
-    folders that killed runs left next to out_dir are removed first.
+    folders that killed runs left next to out_dir are removed first. Every file is read once before the long
+    work (check_source: a broken .gz is an error, invalid UTF-8 a warning or, with strict_utf8, an error),
+    unless the caller did that already (checked=True).
     """
     log = print if verbose else (lambda *args, **kwargs: None)
     t_start = time.time()
@@ -648,7 +685,9 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     wanted = parse_sources(sources)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    if not synthetic and not checked:
+        check_source(source, strict_utf8, log)
+    check_writable(out_dir, "out", folder=True, make_parents=True)
     for path in remove_stray_temps(out_dir.parent):
         log(f"removed {path}, left by a killed run")
     tmp, scratch = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent)), None
@@ -773,7 +812,7 @@ def check_prepared(out_dir, source, **settings):
         return False
     args = inspect.signature(prepare).bind(source, out_dir, **settings)
     args.apply_defaults()
-    want = _settings(**{k: v for k, v in args.arguments.items() if k not in ("out_dir", "verbose")})
+    want = _settings(**{k: v for k, v in args.arguments.items() if k not in ("out_dir", "verbose", "strict_utf8", "checked")})
     meta = load_meta(out_dir, verify=False)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{out_dir} was prepared by an older data.py that did not record its source and "

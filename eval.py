@@ -5,7 +5,7 @@ pairs), perplexity, and the learning curve of a run's milestone checkpoints.
     python eval.py --ckpt=out/ckpt.pt --babylm=DIR               # the 2025 suite: every task folder in DIR
     python eval.py --run=out --babylm=DIR                        # each ckpt_<N>M_words.pt of a run: curve + plot
     python eval.py --ckpt=out/ckpt.pt --blimp=DIR --zorro=DIR    # accuracy per paradigm and field
-    python eval.py --ckpt=out/ckpt.pt --pairs=builtin            # the synthetic pairs of data.py
+    python eval.py --ckpt=out/ckpt.pt --pairs=builtin            # the synthetic pairs of synthetic.py
     python eval.py --ckpt=out/ckpt.pt --text=FILE                # perplexity and bits per byte (.txt, .txt.gz)
     python eval.py --help
 
@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from common import check_writable, load_checkpoint, parse_args, pick_device, run_cli, write_json
-from data import write_atomic
+from checkpoint import load_model, milestones
+from common import check_writable, parse_args, pick_device, run_cli, write_atomic, write_json
 from synthetic import synthetic_minimal_pairs
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
@@ -668,11 +668,10 @@ def plot_curve(points, path):
 
 def milestone_checkpoints(run):
     """A run folder's (N, path) for its ckpt_<N>M_words.pt files, sorted by N."""
-    found = [(int(m.group(1)), p) for p in Path(run).iterdir()
-             if (m := re.fullmatch(r"ckpt_(\d+)M_words\.pt", p.name))]
+    found = milestones(run)
     if not found:
         raise FileNotFoundError(f"--run={run} holds no ckpt_<N>M_words.pt milestone checkpoints")
-    return sorted(found)
+    return found
 
 
 def evaluate_run(cfg, suite, device):
@@ -687,7 +686,7 @@ def evaluate_run(cfg, suite, device):
     print(f"{run}: {len(paths)} milestone checkpoints; {TIE_NOTE}")
     points = []
     for milestone, path in paths:
-        model, enc, ckpt = load_checkpoint(str(path), device)
+        model, enc, ckpt = load_model(str(path), device)
         res = score_babylm(model, enc, suite, device, cfg.batch_size, cfg.max_pairs or None, progress=True)
         words = ckpt.get("words_seen") or milestone * 1e6  # a checkpoint without the count: its file name's
         print(f"{path.name}: {fmt_count(words)} words, " + ", ".join(f"{t} {s:.2f}" for t, s in res["tasks"].items())
@@ -721,7 +720,7 @@ def main(argv):
     if cfg.max_pairs < 0 or cfg.batch_size < 1:
         raise ValueError(f"--max_pairs={cfg.max_pairs} must be >= 0 and --batch_size={cfg.batch_size} >= 1")
     if cfg.json:
-        check_writable(cfg.json)
+        check_writable(cfg.json, "--json")
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
     suite = load_babylm(cfg.babylm, tasks) if cfg.babylm else None
     pairs, suite_of = {}, {}
@@ -742,7 +741,7 @@ def main(argv):
             write_json(result, cfg.json)
         return result
 
-    model, enc, ckpt = load_checkpoint(cfg.ckpt, device)
+    model, enc, ckpt = load_model(cfg.ckpt, device)
     print(f"{cfg.ckpt}: iter {ckpt.get('iter')}, {fmt_count(ckpt.get('words_seen'))} words seen, "
           f"mixer={model.config.mixer}")
     results = dict(ckpt=cfg.ckpt, iter=ckpt.get("iter"), words_seen=ckpt.get("words_seen"))

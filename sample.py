@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import load_checkpoint, parse_args, pick_device, run_cli
+from checkpoint import load_model
+from common import parse_args, pick_device, run_cli
 
 
 @dataclass
@@ -47,7 +48,7 @@ def main(argv):
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype={cfg.dtype!r} is not one of ('auto', 'bfloat16', 'float32')")
     device = pick_device(cfg.device)
-    model, enc, _ = load_checkpoint(cfg.ckpt, device)
+    model, enc, _ = load_model(cfg.ckpt, device)
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda")):
         model = model.to(torch.bfloat16)
     if cfg.compile:
