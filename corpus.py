@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 import unicodedata
@@ -126,7 +127,7 @@ def check_file(path):
     return max(replaced, 0)
 
 
-def check_source(source, strict_utf8=False, log=print):
+def check_source(source, strict_utf8=False):
     """Before any long work: every file of a corpus reads to its end; one that is not valid UTF-8 is named on
     the console with its count of replaced bytes (with strict_utf8: an error instead)."""
     files, _ = find_source_files(source)
@@ -136,8 +137,8 @@ def check_source(source, strict_utf8=False, log=print):
             raise ValueError(f"{f.path} is not valid UTF-8 ({replaced:,} bytes cannot be decoded); convert it "
                              "(iconv -f latin1 -t utf-8), or leave out --strict_utf8=True to read them as U+FFFD")
         if replaced:
-            log(f"warning: {f.path} is not valid UTF-8: {replaced:,} bytes read as U+FFFD "
-                "(--strict_utf8=True refuses such a file)")
+            print(f"warning: {f.path} is not valid UTF-8: {replaced:,} bytes read as U+FFFD "
+                  "(--strict_utf8=True refuses such a file)", file=sys.stderr)
     return files
 
 
@@ -686,7 +687,7 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
     wanted = parse_sources(sources)
     out_dir = Path(out_dir)
     if not synthetic and not checked:
-        check_source(source, strict_utf8, log)
+        check_source(source, strict_utf8)
     check_writable(out_dir, "out", folder=True, make_parents=True)
     for path in remove_stray_temps(out_dir.parent):
         log(f"removed {path}, left by a killed run")

@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -3030,7 +3031,10 @@ def test_a_torn_log_line_and_stray_temp_files_of_a_killed_run_are_cleaned_on_res
     stray = out / f".ckpt.pt.tmp-{common._HOST}-{int(dead.stdout)}-abc"  # left by a process that no longer runs
     stray.write_bytes(b"half a checkpoint")
     run_train(args + ["--resume=True"], tmp_path, "run")
-    assert "torn" in capsys.readouterr().out and not stray.exists()
+    said = capsys.readouterr().out
+    assert "torn" in said and not stray.exists()
+    assert "done: 3 iters in this process (6 in all)" in said                  # not the 3 before the resume
+    assert f"{torch.get_num_threads()} CPU threads (--threads)" in said
     rows = log_rows(out)
     assert [r["iter"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
     train.main([f"--plot={out}", f"--plot_out={tmp_path / 'fig.png'}"])
@@ -3095,6 +3099,7 @@ def test_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_that_resume_co
     said, _ = p.communicate(timeout=300)
     assert p.returncode == 128 + signal.SIGTERM, said
     assert "SIGTERM: stopping after this step" in said and "continue with --resume=True" in said
+    assert "SIGTERM: a final evaluation (2 batches) and ckpt.pt, then exit" in said
     ckpt = checkpoint.load(str(out / "ckpt.pt"))
     trained = [r["iter"] for r in log_rows(out) if r["kind"] == "train"]
     assert ckpt["iter"] == trained[-1] >= 4 and ckpt["iter"] % 50000      # the step it stopped at, not an eval's
@@ -3140,6 +3145,121 @@ def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_
     with pytest.raises(ValueError, match="weights do not fit its config"):
         checkpoint.load_model(str(path))
 
+
+class CreatesAFileWhenUnpickled:
+    """A pickled object that runs code on load: unpickling calls open(path, "w"), which creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_holding_a_code_running_object_is_refused_by_every_loader_and_runs_nothing(tiny_data, tmp_path):
+    run, _ = run_train([f"--data={tiny_data}", "--max_iters=1", "--stop_iter=1"], tmp_path, "run")
+    planted = tmp_path / "planted.txt"
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "extra": CreatesAFileWhenUnpickled(planted)}, run / "ckpt.pt")
+    with pytest.raises(ValueError, match="refusing to load it, since that could run code"):
+        checkpoint.load(str(run / "ckpt.pt"))
+    for load in (lambda: evaluate.main([f"--ckpt={run}", "--pairs=builtin", "--device=cpu"]),
+                 lambda: sample.main([f"--ckpt={run / 'ckpt.pt'}", "--device=cpu", "--max_new_tokens=2"]),
+                 lambda: export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={tmp_path / 'hf'}"]),
+                 lambda: train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={run}", "--max_iters=2",
+                                                "--resume=True"])):
+        with pytest.raises(ValueError, match=r"ckpt.pt holds objects other than tensors"):
+            load()
+    assert not planted.exists()
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={run}", "--device=cpu"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refusing" in r.stderr and not planted.exists()
+
+
+def test_resume_refuses_another_data_folder_whose_tokenizer_differs(tiny_data, tmp_path):
+    other = tmp_path / "other"   # the same vocabulary size, another corpus: other merges
+    corpus.prepare("synthetic", other, budget_words=30_000, vocab_size=300, synthetic_words=40_000,
+                   pairs_per_phenomenon=20, seed=7, verbose=False)
+    assert data.load_meta(other)["vocab_size"] == data.load_meta(tiny_data)["vocab_size"]
+    out, before = run_train([f"--data={tiny_data}", "--max_iters=4", "--stop_iter=2"], tmp_path, "run")
+    with pytest.raises(ValueError, match=f"another tokenizer.*--data={other}"):
+        run_train([f"--data={other}", "--max_iters=4", "--resume=True"], tmp_path, "run")
+    assert checkpoint.load(str(out / "ckpt.pt"))["iter"] == before["iter"] == 2
+
+
+def test_resume_of_a_checkpoint_without_optimizer_state_says_so_in_one_line(tiny_data, tmp_path):
+    out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=2", "--stop_iter=1"], tmp_path, "run")
+    converted = {k: ckpt[k] for k in ("model", "config", "tokenizer", "iter", "tokens_seen", "words_seen",
+                                      "best_val_loss", "data_meta")}   # what convert.py writes
+    checkpoint.save(converted, str(out / "ckpt.pt"))
+    with pytest.raises(ValueError, match="has no optimizer state .*convert.py"):
+        run_train([f"--data={tiny_data}", "--max_iters=2", "--resume=True"], tmp_path, "run")
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with common.FolderLock(out):          # a live process (this one) writes the folder
+        with pytest.raises(ValueError, match=f"{out} is in use by another process .*pid {os.getpid()}"):
+            run_train([f"--data={tiny_data}", "--max_iters=1"], tmp_path, "run")
+        assert sorted(p.name for p in out.iterdir()) == ["LOCK"]
+    assert not (out / "LOCK").exists()
+    (out / "LOCK").write_text(f"{socket.gethostname()} {dead_pid()}\n")   # left by a killed run
+    _, ckpt = run_train([f"--data={tiny_data}", "--max_iters=1"], tmp_path, "run")
+    assert ckpt["iter"] == 1 and "was left by a process that died" in capsys.readouterr().out
+    assert not (out / "LOCK").exists()
+
+
+def test_two_train_processes_into_one_folder_one_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), *TINY_RUN, f"--data={tiny_data}", f"--out_dir={out}",
+            "--max_iters=100000", "--eval_interval=50000", "--milestones=False", "--eval_pairs=none"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(args + ["--overwrite=True"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "is in use by another process" in second.stderr, second.stderr
+        assert first.poll() is None                       # the first run goes on, its files untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_invalid_utf8_in_a_corpus_file_is_named_on_the_console_or_refused(tmp_path, capsys):
+    src = small_corpus(tmp_path / "src")
+    bad = src / "books" / "latin1.txt"
+    bad.write_bytes(("Le caf\u00e9 est pr\u00e8s de la for\u00eat. " * 40).encode("latin-1"))  # 120 bytes not UTF-8
+    with pytest.raises(ValueError, match=r"latin1.txt is not valid UTF-8 \(120 bytes"):
+        corpus.prepare(src, tmp_path / "strict", vocab_size=280, strict_utf8=True, verbose=False)
+    assert not (tmp_path / "strict").exists()
+    corpus.prepare(src, tmp_path / "out", vocab_size=280, verbose=False)
+    assert "warning: " + str(bad) + " is not valid UTF-8: 120 bytes read as U+FFFD" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="latin1.txt is not valid UTF-8"):
+        prepare.main([f"--source={src}", f"--out={tmp_path / 'cli'}", "--vocab_size=280", "--strict_utf8=True"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip"])
+def test_a_broken_gz_corpus_file_is_named_before_any_work(tmp_path, damage, monkeypatch):
+    src = small_corpus(tmp_path / "src")
+    text = "\n\n".join(synthetic.synthetic_corpus(3000, seed=2)).encode()
+    packed = gzip.compress(text)
+    (src / "books" / "b.txt.gz").write_bytes(packed[: len(packed) // 2] if damage == "truncated" else text)
+    with pytest.raises(ValueError, match=r"b.txt.gz: not a whole gzip file"):
+        corpus.prepare(src, tmp_path / "out", vocab_size=280, verbose=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"b.txt.gz: not a whole gzip file"):
+        train.main(TINY_RUN + [f"--data={src}", "--out_dir=run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]     # no run folder, no prepared folder
+
+
+def test_a_bad_eval_pairs_path_is_refused_before_preparing_data_leaving_no_folder(tmp_path, monkeypatch):
+    src = small_corpus(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--eval_pairs=no_such_dir does not exist"):
+        train.main(TINY_RUN + [f"--data={src}", "--out_dir=run", "--eval_pairs=no_such_dir"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 def test_an_old_checkpoint_with_run_settings_in_its_config_loads_anywhere_with_the_same_logits(tmp_path):
     cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
