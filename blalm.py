@@ -687,7 +687,8 @@ class BLaLM(nn.Module):
         return logits.to(acc_dtype(logits.dtype))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, eot=None, graph=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, eot=None, graph=None,
+                 progress=None):
         """Continue prompts by sampling (temperature 0 = greedy; top_k: sample among the k most likely tokens).
 
         idx (B, T): left-aligned prompts, row b's prompt idx[b, :lengths[b]] (lengths: B ints in [1, T]; None = all
@@ -702,7 +703,8 @@ class BLaLM(nn.Module):
         feed it through decode_step. Sampling runs on the device: no host sync per token. graph (None = on CUDA):
         capture that step, sampling included, as one CUDA graph and replay it; False runs it eagerly (the CPU's
         way); model.compile_decode() beforehand fuses the step's kernels. For "mlstm" the decoding state has a
-        fixed size whatever the context; for "attn" it is a KV cache of max(lengths) + max_new_tokens."""
+        fixed size whatever the context; for "attn" it is a KV cache of max(lengths) + max_new_tokens.
+        progress (optional): called as progress(steps done, steps in all) after each step (sample.py on a CPU)."""
         check_ids(idx)
         B, T = idx.shape
         V = self.config.vocab_size
@@ -758,6 +760,8 @@ class BLaLM(nn.Module):
         while n < n_steps:
             run()
             n += 1
+            if progress is not None:
+                progress(n, n_steps)
             if eot is not None and n % EOT_CHECK_EVERY == 0 and n < n_steps and bool(done.all()):
                 out[:, P + n:] = eot
                 break

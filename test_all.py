@@ -3564,6 +3564,14 @@ def save_byte_checkpoint(model, path):
                                 words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
 
 
+
+def test_sample_on_a_cpu_prints_progress_lines_while_decoding(ckpt_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "PROGRESS_EVERY_S", 0.0)
+    sample.main([f"--ckpt={ckpt_path}", "--start=Once", "--num_samples=1", "--max_new_tokens=5", "--device=cpu"])
+    err = capsys.readouterr().err
+    steps = [int(n) for n in re.findall(r"decoding: step (\d+)/\d+", err)]
+    assert steps and steps == sorted(steps) and steps[-1] == int(re.search(r"step \d+/(\d+)", err)[1])
+
 def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, capsys):
     sample_main = sample.main
     model = tiny_model("attn", dtype=torch.float32)
@@ -4402,9 +4410,15 @@ def test_hf_pipeline_scores_match_eval_on_blimp(exported, hf, enc, mixer):
 # bench.py
 
 
-def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu(tmp_path):
+def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu_and_prints_readable_tables(tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = bench.main(["--suite=all", "--repeat=1", f"--json={out}", "--device=cpu"])
+    said = capsys.readouterr()
+    assert "nan" not in said.out + said.err and "{'" not in said.out + said.err     # no raw dicts, no nan memory
+    table = [line for line in said.out.splitlines() if line.startswith("| T ")]
+    assert table and "peak_mib" in table[0] and re.search(r"^\|.* n/a .*\|$", said.out, re.M)
+    for section in said.out.split("\n## ")[1:]:          # each table's columns line up: its lines are as long
+        assert len({len(line) for line in section.splitlines() if line.startswith("|")}) == 1, section
     saved = json.loads(out.read_text())
     assert saved["device"].startswith("cpu") and set(results) >= {"kernels", "optim", "decode"}
     assert all(r["ms"] > 0 for r in saved["kernels"] if r.get("ms") is not None)
