@@ -286,7 +286,9 @@ def check_writable(path, flag, folder=False, make_parents=False):
     """Fail now, not after a long job, when `path` (a file, or with folder=True a folder) cannot be written:
     it is a folder where a file is expected or the reverse, lies under a file, or its folder is read-only
     (probed by writing, since os.access cannot see an immutable folder, or a read-only one when run as root).
-    With make_parents the missing folders above path are made; path itself never is."""
+    With make_parents the missing folders above path are made (path itself never is); without, a missing folder
+    above a file is an error, while for a folder the nearest existing one above it is probed (the caller makes
+    the rest later, once every check has passed)."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise ValueError(f"{flag}={path} is a file; expected a folder")
@@ -296,14 +298,15 @@ def check_writable(path, flag, folder=False, make_parents=False):
     blocker = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ValueError(f"{flag}={path} lies under {blocker}, which is a file ({blocker.name} is a file, not a folder)")
-    if not parent.is_dir():
-        if not make_parents:
-            raise ValueError(f"{flag}={path}: folder {parent} does not exist")
+    if not parent.is_dir() and make_parents:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"{flag}={path}: cannot create {parent} ({e.strerror})") from None
-    for where in [parent] + ([path] if folder and path.is_dir() else []):
+    elif not parent.is_dir() and not folder:
+        raise ValueError(f"{flag}={path}: folder {parent} does not exist")
+    nearest = next(p for p in [parent, *parent.parents] if p.is_dir())
+    for where in [nearest] + ([path] if folder and path.is_dir() else []):
         try:
             fd, probe = tempfile.mkstemp(dir=where, prefix=temp_prefix("probe"))
         except OSError as e:

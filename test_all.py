@@ -4500,8 +4500,16 @@ def test_notebook_executes_without_error_in_fast_mode(path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BLALM_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    real = (SHARED / "corpus").is_dir()
+    if real:   # the notebooks find real data through BLALM_DATA only
+        monkeypatch.setenv("BLALM_DATA", str(SHARED))
+    else:
+        monkeypatch.delenv("BLALM_DATA", raising=False)
     nb = nbformat.read(path, as_version=4)
     assert any(c.outputs for c in nb.cells if c.cell_type == "code"), "the committed notebook keeps its outputs"
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, on any error
+    said = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    if "BLALM_DATA" in path.read_text():          # a notebook that reads real data says when it falls back
+        assert ("falling back to the built-in SYNTHETIC corpus" in said) == (not real)
