@@ -3332,6 +3332,14 @@ def test_presets_set_the_babylm_budgets_and_flags_override_them():
     assert m == BLaLMConfig(vocab_size=1)
 
 
+
+def test_presets_prepare_one_raw_corpus_into_folders_of_their_own():
+    cpu, _ = train.parse_config(["--preset=cpu", "--data=corpora/books"])
+    small, _ = train.parse_config(["--preset=strict_small", "--data=corpora/books"])
+    assert train.prepared_name(cpu) == str(Path("data_prepared") / "books-2M-v4096")
+    assert train.prepared_name(small) == str(Path("data_prepared") / "books-10M-v16384")
+    assert train.prepared_name(train.parse_config([])[0]) == str(Path("data_prepared") / "synthetic")
+
 def test_milestones_follow_the_babylm_schedule():
     crossed = train.milestone_words(0, 250_000_000)
     assert crossed[:10] == [m * 1_000_000 for m in range(1, 10)] + [10_000_000]

@@ -50,7 +50,7 @@ from muon import configure_optimizers
 class TrainConfig:
     # data
     data: str = ""                  # a prepared dir (has meta.json), a raw corpus to prepare, or "" = synthetic
-    prepared_dir: str = ""          # where a raw corpus is prepared ("" = data_prepared/<name>)
+    prepared_dir: str = ""          # where a raw corpus is prepared ("" = data_prepared/<name>-<budget>-v<vocab>)
     budget_words: int = 0           # word budget when preparing (0 = all the data; presets set the BabyLM track's)
     vocab_size: int = 0             # BPE vocabulary when preparing (0 = prepare.py's default: 16384, synthetic 1024)
     curriculum: bool = False        # order the training stream easy-to-hard by readability when preparing
@@ -255,6 +255,16 @@ def plot_command(c, given):
 # Before any work: every path checked, the run folder locked
 
 
+def prepared_name(c):
+    """Where a raw corpus is prepared: data_prepared/<corpus>-<budget>-v<vocabulary> (data_prepared/synthetic for
+    the built-in corpus), so that presets with other budgets (--preset=cpu, --preset=strict_small) prepare one
+    corpus side by side instead of refusing each other's folder."""
+    if not c.data:
+        return os.path.join("data_prepared", "synthetic")
+    budget = f"{c.budget_words / 1e6:g}M" if c.budget_words else "all"
+    return f"{corpus.default_out_dir(c.data)}-{budget}-v{c.vocab_size or 'default'}"
+
+
 def plan_data(c):
     """-> (prepared dir, or None when the corpus must be prepared first, and the arguments of that preparation).
     Checks now what preparing would find late: the source exists, every file is readable, valid UTF-8 (or
@@ -265,7 +275,7 @@ def plan_data(c):
         raise FileNotFoundError(f"--data={c.data} does not exist (expected a prepared dir with meta.json "
                                 "or a corpus folder to prepare)")
     source = c.data or "synthetic"
-    target = c.prepared_dir or (os.path.join("data_prepared", "synthetic") if not c.data else corpus.default_out_dir(c.data))
+    target = c.prepared_dir or prepared_name(c)
     settings = dict(budget_words=c.budget_words or None, vocab_size=c.vocab_size or None, curriculum=c.curriculum)
     if corpus.check_prepared(target, source, **settings):
         return target, None
