@@ -39,7 +39,6 @@ import gzip
 import io
 import json
 import math
-import re
 import sys
 import time
 from collections import Counter

@@ -4280,6 +4280,46 @@ def test_export_bad_arguments(argv, match, tmp_path, monkeypatch):
         export.main(argv)
 
 
+
+def fresh_copy(dest):
+    """The repository's tracked files (git ls-files; the top-level files and hf_code/ where git is absent) in dest:
+    what a fresh clone holds, without the checkout's outputs (out/, hf/, data_prepared/, ...)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    names = listed.stdout.split() if listed.returncode == 0 and listed.stdout.strip() else \
+        [p.name for p in ROOT.glob("*.py")] + [f"hf_code/{p.name}" for p in (ROOT / "hf_code").glob("*.py")]
+    for name in names:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def test_the_readmes_export_line_runs_as_written_in_a_fresh_clone(tmp_path):
+    lines = [l.split("  #")[0].strip() for l in (ROOT / "README.md").read_text().splitlines()
+             if l.startswith("python export.py --ckpt=")]
+    assert len(lines) == 1, lines
+    argv = lines[0].split()[2:]
+    clone = fresh_copy(tmp_path / "clone")
+    assert not (clone / "hf").exists() and not (clone / "out").exists()
+    ckpt = clone / next(a.split("=", 1)[1] for a in argv if a.startswith("--ckpt="))
+    model = tiny_model(dtype=torch.float32)    # what the README's first command leaves where the line reads it
+    checkpoint.save(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
+                         words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(ckpt))
+    r = subprocess.run([sys.executable, "export.py", *argv], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = clone / next(a.split("=", 1)[1] for a in argv if a.startswith("--out="))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_the_readme_is_short_and_its_test_command_is_what_ci_runs():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    assert len(readme.splitlines()) <= 250
+    test_line = next(l for l in readme.splitlines() if "pytest" in l and l.startswith("pip install"))
+    pins = re.findall(r"pip install -q (torch==[\d.]+)", ci)
+    assert pins and f"pip install {pins[0]} -r requirements-dev.txt" in test_line
+    assert "python -m pytest -q test_all.py" in ci.splitlines()[-1] and test_line.endswith("python -m pytest -q test_all.py")
+    assert "-r requirements-dev.txt" in ci
+
 def test_export_refuses_a_dotted_out_and_makes_missing_parent_folders(exported, tmp_path):
     ckpt = exported["mlstm"][1].parent / "ckpt.pt"
     with pytest.raises(ValueError, match="has a '.'"):

@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import torch
 
@@ -118,7 +118,6 @@ PRESETS = {
                    n_embd=448, swa_window=128, batch_size=64, max_iters=0, max_epochs=10,
                    eval_interval=2000, log_interval=100, warmup_iters=500, compile=True),
 }
-MODEL_KEYS = [f.name for f in fields(BLaLMConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
 
 
 def parse_config(argv):
@@ -346,9 +345,9 @@ def check_resume(ckpt, path, model_config, tokenizer, data_dir):
 class Run:
     """What one training run holds, and the steps main takes with it."""
 
-    def __init__(self, c, m, meta, enc, pairs, autocast, rank, world, ckpt):
+    def __init__(self, c, model_config, meta, enc, pairs, autocast, rank, world, ckpt):
         self.c, self.meta, self.enc, self.pairs, self.autocast, self.master = c, meta, enc, pairs, autocast, rank == 0
-        self.model_config = BLaLMConfig(**{**asdict(m), "vocab_size": meta["vocab_size"]})
+        self.model_config = m = model_config
         self.raw_model = BLaLM(self.model_config).set_kernels(c.kernels, c.mlstm_form, c.chunk_size).to(c.device)
         self.optimizer = configure_optimizers(self.raw_model, c.optimizer, lr=c.learning_rate, adam_lr=c.adam_lr,
                                               weight_decay=c.weight_decay, adam_weight_decay=c.adam_weight_decay,
@@ -625,10 +624,10 @@ def main(argv):
         meta, enc = open_data(c, plan, master, world)
         if pairs is None and c.eval_pairs == "auto" and meta.get("source") == "synthetic":
             pairs = evaluate.builtin_pairs()
+        model_config = BLaLMConfig(**{**asdict(m), "vocab_size": meta["vocab_size"]})  # the vocabulary: the data's
         if ckpt is not None:
-            check_resume(ckpt, os.path.join(c.out_dir, "ckpt.pt"), BLaLMConfig(**{**asdict(m), "vocab_size": meta["vocab_size"]}),
-                         data.tokenizer_to_dict(enc), meta["dir"])
-        run = Run(c, m, meta, enc, pairs, autocast, rank, world, ckpt)
+            check_resume(ckpt, os.path.join(c.out_dir, "ckpt.pt"), model_config, data.tokenizer_to_dict(enc), meta["dir"])
+        run = Run(c, model_config, meta, enc, pairs, autocast, rank, world, ckpt)
         print_start(run, c, m, c.resume)
         run.start_log(c.resume)
         # --- the loop: evaluate and checkpoint every eval_interval, one step, a log line every log_interval
