@@ -3,23 +3,21 @@ Where the training step's GPU time goes: one compiled forward + backward + Muon 
 (bench.py's model_pair: BLaLM, BLaLM with the Triton kernels, the softmax baseline), bfloat16 autocast, the
 profiler's GPU time per kernel, the largest first, summed over the step.
 
-    python results/kernels/profile_step.py [--T=512] [--top=25] [--only=blalm triton,softmax]     (a GPU)
+    python -m results.kernels.profile_step [--T=512] [--top=25] [--only=blalm triton,softmax]     (a GPU)
 
 It is what the issue's training-step target is measured against in bench.py --suite=train: this shows which
 kernels stand between BLaLM and the softmax baseline.
 """
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from bench import model_pair  # noqa: E402
-from blalm import BLaLM  # noqa: E402
-from muon import configure_optimizers  # noqa: E402
+from bench import model_pair
+from blalm import BLaLM
+from muon import configure_optimizers
 
 
 def main(argv=None):
