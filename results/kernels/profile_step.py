@@ -36,8 +36,8 @@ def main(argv=None):
     for name in a.only.split(","):
         torch.compiler.reset()
         torch.manual_seed(0)
-        cfg = models[name]
-        model = BLaLM(cfg).to("cuda").compile_blocks()
+        cfg, kernels = models[name]
+        model = BLaLM(cfg).set_kernels(kernels).to("cuda").compile_blocks()
         opt = configure_optimizers(model, "muon", verbose=False)
         x = torch.randint(0, cfg.vocab_size, (max(1, 32768 // a.T), a.T), device="cuda")
 
