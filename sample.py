@@ -41,7 +41,7 @@ class SampleConfig:
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines on a CPU
 
 
-class Progress:
+class DecodeProgress:
     """A line on stderr every few seconds while a CPU decodes (on a GPU it takes seconds): steps done, rate, ETA."""
 
     def __init__(self, t0):
@@ -96,7 +96,7 @@ def main(argv):
     t0 = time.perf_counter()
     y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                        lengths=[len(p) for p in prompts], eot=enc.eot_token if cfg.stop_at_eot else None,
-                       progress=None if device.startswith("cuda") else Progress(t0)).tolist()
+                       progress=None if device.startswith("cuda") else DecodeProgress(t0)).tolist()
     seconds = time.perf_counter() - t0   # .tolist() waited for the device
     for text, prompt, row in zip(samples, prompts, y):
         new = row[len(prompt):len(prompt) + cfg.max_new_tokens]
