@@ -77,12 +77,15 @@ def load(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()
-        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        what = (f"holds objects other than tensors and plain data ({next((l.strip() for l in reason if 'global' in l.lower()), reason[0] if reason else type(e).__name__)[:200]}); "
-                "refusing to load it, since that could run code" if unsafe
-                else f"is corrupt or not a checkpoint ({type(e).__name__}: {reason[0][:200] if reason else ''})")
-        raise ValueError(f"checkpoint {path} {what}") from None
+        text = str(e)
+        if "Unsupported global" in text:  # a pickled object: torch's allow-list refused it before running it
+            name = re.search(r"GLOBAL (\S+)", text)
+            raise ValueError(f"checkpoint {path} holds objects other than tensors and plain data "
+                             f"({name[1] if name else 'a Python object'}); refusing to load it, since that could "
+                             "run code") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: "
+                         f"{(detail[0] if detail else '')[:200]})") from None
     check_keys(ckpt, path)
     if not isinstance(ckpt["config"], dict):
         raise ValueError(f"checkpoint {path}: its config is a {type(ckpt['config']).__name__}, expected a plain dict")

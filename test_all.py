@@ -3161,8 +3161,12 @@ def test_a_checkpoint_holding_a_code_running_object_is_refused_by_every_loader_a
     planted = tmp_path / "planted.txt"
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "extra": CreatesAFileWhenUnpickled(planted)}, run / "ckpt.pt")
-    with pytest.raises(ValueError, match="refusing to load it, since that could run code"):
+    with pytest.raises(ValueError, match=r"ckpt.pt holds objects other than tensors and plain data \(io.open\); "
+                                         "refusing to load it, since that could run code"):
         checkpoint.load(str(run / "ckpt.pt"))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")   # damaged, not malicious: said otherwise
+    with pytest.raises(ValueError, match="garbage.pt is corrupt or not a checkpoint"):
+        checkpoint.load(str(tmp_path / "garbage.pt"))
     for load in (lambda: evaluate.main([f"--ckpt={run}", "--pairs=builtin", "--device=cpu"]),
                  lambda: sample.main([f"--ckpt={run / 'ckpt.pt'}", "--device=cpu", "--max_new_tokens=2"]),
                  lambda: export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={tmp_path / 'hf'}"]),
