@@ -64,7 +64,7 @@ class BenchConfig:
 
 def timed(fn, repeat, device):
     """Median milliseconds of fn() over `repeat` runs after one warm-up run (which includes any
-    compilation; its seconds are returned too), and the peak memory in MiB."""
+    compilation; its seconds are returned too), and the peak memory in MiB (None on a CPU: not measured)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -85,7 +85,7 @@ def timed(fn, repeat, device):
             t = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t))
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     return sorted(times)[len(times) // 2], peak, first
 
 
@@ -365,14 +365,14 @@ def bench_short_conv(c, device, gpu):
 
 
 def model_pair(gpu, T):
-    """BLaLM (the strict_small shape), with the fused Triton kernels too where triton is installed,
-    and the softmax baseline of the same width and depth."""
+    """-> {name: (config, kernels)}: BLaLM (the strict_small shape), with the fused Triton kernels too where
+    triton is installed, and the softmax baseline of the same width and depth."""
     shape = dict(n_layer=12, n_head=7, n_embd=448, vocab_size=16384) if gpu else \
         dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256)
-    models = {"blalm": BLaLMConfig(block_size=T, **shape)}
+    models = {"blalm": (BLaLMConfig(block_size=T, **shape), "torch")}
     if gpu and importlib.util.find_spec("triton") is not None:
-        models["blalm triton"] = BLaLMConfig(block_size=T, mlstm_kernel="triton", **shape)
-    models["softmax"] = BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape)
+        models["blalm triton"] = (BLaLMConfig(block_size=T, **shape), "triton")
+    models["softmax"] = (BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape), "torch")
     return models
 
 
@@ -381,7 +381,7 @@ def bench_train(c, device, gpu, with_optim=False):
     peak_flops = device_peak_flops(device)
     for T in ([int(t) for t in c.train_lengths.split(",")] if gpu else [64]):
         B = max(1, (32768 if gpu else 256) // T)
-        for name, cfg in model_pair(gpu, T).items():
+        for name, (cfg, kernels) in model_pair(gpu, T).items():
             if not selected(c, name):
                 continue
             # every model compiled from scratch: the blocks of all models share Block.forward's code, so without a
@@ -389,7 +389,7 @@ def bench_train(c, device, gpu, with_optim=False):
             # model's step took 123 ms after two other models, 63 ms in a fresh process)
             torch.compiler.reset()
             torch.manual_seed(0)
-            model = BLaLM(cfg).to(device)
+            model = BLaLM(cfg).set_kernels(kernels).to(device)
             opts = {"muon": configure_optimizers(model, "muon", verbose=False),
                     "adamw": configure_optimizers(model, "adamw", verbose=False)}
             if gpu:
@@ -460,6 +460,59 @@ def decode_steps(model, cfg, ctx, B, room, device, gpu, modes):
 
 
 @torch.no_grad()
+def decode_progress(row):
+    """One readable line a decode row, on stderr as it is measured (a run cut short keeps what it measured)."""
+    what = row.get("note") or f"{row['ms_per_token']:.3g} ms/token, {row['tok_s']:,.0f} tok/s"
+    print(f"  decode {row['model']} {row['mode']}: context {row['context']}, batch {row['batch']}: {what}",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def decode_step_rows(model, name, cfg, contexts, batches, room, c, device, gpu, pass_modes):
+    """The eager / static / graph / compiled rows: ms per token from the end of each context, each batch size."""
+    rows, compiled = [], "compiled" in pass_modes or "generate_compiled" in pass_modes
+    for ctx in contexts if {"eager", "static", "graph", "compiled"} & set(pass_modes) else []:
+        if compiled and (ctx == contexts[0] or cfg.mixer == "attn"):   # attn: a new KV cache length
+            torch.compiler.reset()
+            model.compile_decode()
+        for B in batches:
+            row = dict(model=name, context=ctx, batch=B)
+            try:
+                steps, static = decode_steps(model, cfg, ctx, B, room, device, gpu, pass_modes)
+                for mode, (fn, cache) in steps.items():
+                    static.pos.fill_(ctx)  # every measurement decodes from the end of the context
+                    ms, _, _ = timed(fn, c.repeat, device)
+                    rows.append(decode_progress(dict(row, mode=mode, ms_per_token=ms, tok_s=B * 1000 / ms,
+                                                     cache_mib=cache.nbytes() / 2**20, allocated_mib=
+                                                     torch.cuda.memory_allocated() / 2**20 if gpu else None)))
+            except torch.OutOfMemoryError:
+                rows.append(decode_progress(dict(row, mode="-", ms_per_token=None, tok_s=None, note="out of memory")))
+            steps = static = None
+            if gpu:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def decode_generate_rows(model, name, cfg, batches, device, gpu, compiled):
+    """The generate rows: the whole of generate (a prompt, then new tokens) end to end, as sample.py runs it."""
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    rows, new = [], 256 if gpu else 16
+    for B in batches:
+        prompt = torch.randint(0, cfg.vocab_size, (B, 256 if gpu else 32), device=device)
+        if compiled:   # the compile itself is not what is measured
+            model.generate(prompt, 4)
+        sync()
+        t0 = time.perf_counter()
+        model.generate(prompt, new, temperature=1.0, top_k=50)
+        sync()
+        s = time.perf_counter() - t0
+        rows.append(decode_progress(dict(model=name, context=prompt.size(1), batch=B,
+                                         mode="generate_compiled" if compiled else "generate",
+                                         ms_per_token=1000 * s / new, tok_s=B * new / s, cache_mib=None,
+                                         allocated_mib=None)))
+    return rows
+
+
 def bench_decode(c, device, gpu):
     """Milliseconds per decoded token (one step: the model, then sampling the next token with top_k=50) after a
     context of ctx tokens, for B rows at once (--decode_modes picks among these):
@@ -472,8 +525,7 @@ def bench_decode(c, device, gpu):
               compiled by inductor for decoding; compile time is not in the rows; "attn" compiles for every context)
 
     The softmax baseline's static KV cache holds the context and the decoded tokens; its learned positions reach
-    that far because model_pair builds the models with block_size = the longest context plus room. Each
-    measurement also goes to stderr as it is made, so that a run cut short keeps what it measured."""
+    that far because model_pair builds the models with block_size = the longest context plus room."""
     modes = [m.strip() for m in c.decode_modes.split(",") if m.strip()]
     for m in modes:
         if m not in DECODE_MODES:
@@ -482,55 +534,23 @@ def bench_decode(c, device, gpu):
     contexts = [256, 1024, 4096, 16384] if gpu else [32, 128]
     batches = [1, 16, 64] if gpu else [1, 3]
     room = max(128, c.repeat + 8)   # positions beyond the context that the caches hold (warm-up and timed steps)
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
     passes = [p for p in ([m for m in modes if m in ("eager", "static", "graph", "generate")],
                           [m for m in modes if m in ("compiled", "generate_compiled")]) if p]
-    for name, cfg in model_pair(gpu, max(contexts) + room).items():
+    for name, (cfg, kernels) in model_pair(gpu, max(contexts) + room).items():
         if name == "blalm triton" or not selected(c, name):  # decoding is one mlstm_step per token: no chunkwise kernel
             continue
         torch.manual_seed(0)
-        model = BLaLM(cfg).to(device).eval()
+        model = BLaLM(cfg).set_kernels(kernels).to(device).eval()
         if gpu:
             model = model.to(torch.bfloat16)
         for pass_modes in passes:
             compiled = "compiled" in pass_modes or "generate_compiled" in pass_modes
-            for ctx in contexts if {"eager", "static", "graph", "compiled"} & set(pass_modes) else []:
-                if compiled and (ctx == contexts[0] or cfg.mixer == "attn"):   # attn: a new KV cache length
-                    torch.compiler.reset()
-                    model.compile_decode()
-                for B in batches:
-                    row = dict(model=name, context=ctx, batch=B)
-                    try:
-                        steps, static = decode_steps(model, cfg, ctx, B, room, device, gpu, pass_modes)
-                        for mode, (fn, cache) in steps.items():
-                            static.pos.fill_(ctx)  # every measurement decodes from the end of the context
-                            ms, _, _ = timed(fn, c.repeat, device)
-                            rows.append(dict(row, mode=mode, ms_per_token=ms, tok_s=B * 1000 / ms,
-                                             cache_mib=cache.nbytes() / 2**20,
-                                             allocated_mib=torch.cuda.memory_allocated() / 2**20 if gpu else None))
-                            print(f"decode {rows[-1]}", file=sys.stderr, flush=True)
-                    except torch.OutOfMemoryError:
-                        rows.append(dict(row, mode="-", ms_per_token=None, tok_s=None, note="out of memory"))
-                    steps = static = None
-                    if gpu:
-                        torch.cuda.empty_cache()
+            rows += decode_step_rows(model, name, cfg, contexts, batches, room, c, device, gpu, pass_modes)
             if compiled and "generate_compiled" in pass_modes and (cfg.mixer == "attn" or "compiled" not in pass_modes):
                 torch.compiler.reset()
                 model.compile_decode()
-            new = 256 if gpu else 16
-            for B in batches if {"generate", "generate_compiled"} & set(pass_modes) else []:
-                prompt = torch.randint(0, cfg.vocab_size, (B, 256 if gpu else 32), device=device)
-                if compiled:   # the compile itself is not what is measured
-                    model.generate(prompt, 4)
-                sync()
-                t0 = time.perf_counter()
-                model.generate(prompt, new, temperature=1.0, top_k=50)
-                sync()
-                s = time.perf_counter() - t0
-                rows.append(dict(model=name, context=prompt.size(1), batch=B,
-                                 mode="generate_compiled" if compiled else "generate", ms_per_token=1000 * s / new,
-                                 tok_s=B * new / s, cache_mib=None, allocated_mib=None))
-                print(f"decode {rows[-1]}", file=sys.stderr, flush=True)
+            if {"generate", "generate_compiled"} & set(pass_modes):
+                rows += decode_generate_rows(model, name, cfg, batches, device, gpu, compiled)
             model._decode_blocks = None
         del model
         if gpu:
@@ -538,15 +558,26 @@ def bench_decode(c, device, gpu):
     return rows
 
 
+def format_cell(v):
+    """A table cell: "n/a" for what was not measured (memory on a CPU), numbers to 4 significant digits."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return f"{v:,.4g}" if isinstance(v, float) else str(v)
+
+
 def print_table(title, rows):
+    """A Markdown table of the rows, columns padded to line up in a terminal."""
     print(f"\n## {title}")
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-    print(" | ".join(keys))
-    for r in rows:
-        print(" | ".join(fmt(r.get(k)) for k in keys))
+    cells = [keys] + [[format_cell(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    line = lambda row: "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+    print(line(keys))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print(line(row))
 
 
 def main(argv):

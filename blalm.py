@@ -347,7 +347,7 @@ class HedgehogAttention(CausalSelfAttention):
         D = config.n_embd // config.n_head
         self.fmap_q = HedgehogFeatureMap(D, config.n_head)
         self.fmap_k = HedgehogFeatureMap(D, config.n_head)
-        self.chunk_size = config.chunk_size
+        self.chunk_size = RUN_DEFAULTS["chunk_size"]  # a run setting: BLaLM.set_kernels
 
     def forward(self, x, cache=None, pos=0):
         q, k, v = self.qkv(x)
@@ -392,7 +392,8 @@ class MLSTMLayer(nn.Module):
         super().__init__()
         C, NH = config.n_embd, config.n_head
         self.n_head, self.D = NH, C // NH
-        self.chunk_size, self.form, self.kernel = config.chunk_size, config.mlstm_form, config.mlstm_kernel
+        # run settings, not part of the model (every choice computes the same function): BLaLM.set_kernels
+        self.chunk_size, self.form, self.kernel = RUN_DEFAULTS["chunk_size"], RUN_DEFAULTS["form"], RUN_DEFAULTS["kernels"]
         self.q_proj = nn.Linear(C, C, bias=False)
         self.k_proj = nn.Linear(C, C, bias=False)
         self.v_proj = nn.Linear(C, C, bias=False)
@@ -447,7 +448,7 @@ class MLSTMLayer(nn.Module):
 
     def short_conv(self, qkv, cache):
         """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j} (causal_conv). The
-        cache keeps the last K-1 inputs. With mlstm_kernel="triton", training on a GPU without a cache, the fused
+        cache keeps the last K-1 inputs. With kernels="triton", training on a GPU without a cache, the fused
         Triton kernel of conv_triton.py computes the same (forward and backward in one pass each)."""
         if not self.K:
             return qkv
@@ -527,6 +528,11 @@ MIXERS = ("mlstm", "attn", "hedgehog")
 FEATURE_MAPS = ("none", "hedgehog")
 MLSTM_FORMS = ("chunkwise", "parallel", "recurrent")
 MLSTM_KERNELS = ("torch", "triton")
+# How a model runs, not what it computes: the kernels ("triton": the fused mLSTM and short-convolution
+# kernels in training, CUDA only), the mLSTM's form, the chunk length of the chunkwise forms. Set at run time
+# with BLaLM.set_kernels; never saved in a checkpoint, so a checkpoint made with any of them loads anywhere.
+RUN_DEFAULTS = dict(kernels="torch", form="chunkwise", chunk_size=64)
+LEGACY_CONFIG_KEYS = ("mlstm_kernel", "mlstm_form", "chunk_size")  # run settings that older checkpoints saved
 GRAPH_WARMUP = 2         # eager decode steps before the CUDA graph is captured (cuda_graph)
 EOT_CHECK_EVERY = 64     # generate(eot=...) reads "has every row ended?" back from the device this often
 
@@ -541,10 +547,6 @@ class BLaLMConfig:
     n_head: int = 4                 # heads (head size = n_embd / n_head)
     n_embd: int = 128               # width
     mixer: str = "mlstm"            # "mlstm" (BLaLM) | "attn" (softmax GPT-2 baseline) | "hedgehog" (linear attention)
-    mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
-    chunk_size: int = 64            # chunk length of the chunkwise forms
-    mlstm_kernel: str = "torch"     # "torch" | "triton": fused Triton kernels for the whole chunkwise form and the
-                                    # short convolution in training (optional, CUDA only)
     short_conv: int = 4             # causal depthwise conv kernel on q, k, v (0 = off)
     swa_window: int = 64            # sliding-window attention branch beside the mLSTM (0 = off)
     modulation: bool = True         # dynamic modulation of the SWA branch (else averaged with the mLSTM)
@@ -555,11 +557,10 @@ class BLaLMConfig:
 
     def __post_init__(self):
         for name, value, allowed in (("mixer", self.mixer, MIXERS), ("feature_map", self.feature_map, FEATURE_MAPS),
-                                     ("mlstm_form", self.mlstm_form, MLSTM_FORMS),
-                                     ("mlstm_kernel", self.mlstm_kernel, MLSTM_KERNELS)):
+):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "chunk_size"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("short_conv", "swa_window", "gate_softcap"):
@@ -569,15 +570,14 @@ class BLaLMConfig:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.mixer != "mlstm":  # options of the mLSTM mean nothing to the attention mixers: refuse, not ignore
-            for name, default in (("mlstm_form", "chunkwise"), ("mlstm_kernel", "torch"), ("feature_map", "none")):
-                if getattr(self, name) != default:
-                    raise ValueError(f"{name}={getattr(self, name)!r} applies to mixer='mlstm' only, "
-                                     f"not mixer={self.mixer!r}")
+        if self.mixer != "mlstm" and self.feature_map != "none":  # an mLSTM option: refuse, not ignore
+            raise ValueError(f"feature_map={self.feature_map!r} applies to mixer='mlstm' only, not mixer={self.mixer!r}")
 
     @classmethod
     def from_dict(cls, d):
+        """The config of a plain dict (a checkpoint's); the run settings older checkpoints saved are dropped."""
         known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k not in LEGACY_CONFIG_KEYS}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown BLaLMConfig keys {sorted(unknown)}; valid keys: {sorted(known)}")
@@ -612,6 +612,7 @@ class BLaLM(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
         self._compiled_blocks = None  # set by compile_blocks (a plain list: not submodules, not in the state dict)
         self._decode_blocks = None    # set by compile_decode, likewise
+        self.set_kernels()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -686,7 +687,8 @@ class BLaLM(nn.Module):
         return logits.to(acc_dtype(logits.dtype))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, eot=None, graph=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, eot=None, graph=None,
+                 progress=None):
         """Continue prompts by sampling (temperature 0 = greedy; top_k: sample among the k most likely tokens).
 
         idx (B, T): left-aligned prompts, row b's prompt idx[b, :lengths[b]] (lengths: B ints in [1, T]; None = all
@@ -701,7 +703,8 @@ class BLaLM(nn.Module):
         feed it through decode_step. Sampling runs on the device: no host sync per token. graph (None = on CUDA):
         capture that step, sampling included, as one CUDA graph and replay it; False runs it eagerly (the CPU's
         way); model.compile_decode() beforehand fuses the step's kernels. For "mlstm" the decoding state has a
-        fixed size whatever the context; for "attn" it is a KV cache of max(lengths) + max_new_tokens."""
+        fixed size whatever the context; for "attn" it is a KV cache of max(lengths) + max_new_tokens.
+        progress (optional): called as progress(steps done, steps in all) after each step (sample.py on a CPU)."""
         check_ids(idx)
         B, T = idx.shape
         V = self.config.vocab_size
@@ -757,10 +760,33 @@ class BLaLM(nn.Module):
         while n < n_steps:
             run()
             n += 1
+            if progress is not None:
+                progress(n, n_steps)
             if eot is not None and n % EOT_CHECK_EVERY == 0 and n < n_steps and bool(done.all()):
                 out[:, P + n:] = eot
                 break
         return out
+
+    def set_kernels(self, kernels=RUN_DEFAULTS["kernels"], form=RUN_DEFAULTS["form"],
+                    chunk_size=RUN_DEFAULTS["chunk_size"]):
+        """How the model runs, not what it computes: kernels "torch" | "triton" (the fused Triton kernels of the
+        chunkwise mLSTM and the short convolution, in training on CUDA), the mLSTM's form "chunkwise" | "parallel"
+        | "recurrent", and the chunk length of the chunkwise forms (also of the hedgehog mixer). -> self."""
+        for name, value, allowed in (("kernels", kernels, MLSTM_KERNELS), ("form", form, MLSTM_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+        if self.config.mixer != "mlstm" and (kernels, form) != (RUN_DEFAULTS["kernels"], RUN_DEFAULTS["form"]):
+            raise ValueError(f"kernels={kernels!r} and form={form!r} apply to mixer='mlstm' only, "
+                             f"not mixer={self.config.mixer!r}")
+        self.kernels, self.form, self.chunk_size = kernels, form, chunk_size
+        for module in self.modules():
+            if isinstance(module, MLSTMLayer):
+                module.kernel, module.form, module.chunk_size = kernels, form, chunk_size
+            elif isinstance(module, HedgehogAttention):
+                module.chunk_size = chunk_size
+        return self
 
     def compile_blocks(self, **kwargs):
         """torch.compile each residual block for training ("regional compilation"): the blocks have the same
@@ -806,7 +832,7 @@ class BLaLM(nn.Module):
             mix = 2 * 2 * NH * D * (T / 2)                                  # q k^T and a v over T/2 keys
         else:
             DQK = 2 * D if (c.feature_map == "hedgehog" or c.mixer == "hedgehog") else D
-            Lc = c.chunk_size
+            Lc = self.chunk_size
             mix = NH * (2 * Lc / 2 * (DQK + D)                             # intra-chunk, causal half
                         + 2 * 2 * DQK * D                                  # state write and read
                         + 2 * (T / Lc) / 2 * DQK * D / Lc)                  # the chunk-level parallel form

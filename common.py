@@ -1,9 +1,13 @@
 """
-What every script shares, and nothing else: `--key=value` flags with `--help`, the one-line error exit,
-device and precision setup, the GPU's peak FLOPs (for MFU), the learning-rate schedule, atomic file
-writes, and checkpoint save/load. The layer above the model and the data, below the scripts:
+The ground floor: what every other file may use, importing no project file. `--key=value` flags with
+`--help`, the one-line error exit, device and precision setup, the GPU's peak FLOPs (for MFU), the
+learning-rate schedule, the one atomic file writer, the one "can this be written?" check, the run folder's lock.
 
-    math (hedgehog, muon, mlstm_triton)  <-  blalm, data  <-  common  <-  train, eval, sample, bench, convert, export
+    common (torch only)                                           plumbing, the ground floor
+      <- hedgehog, muon, mlstm_triton, conv_triton                math (torch only)
+      <- blalm, decode, data, synthetic, corpus                   model and data
+      <- checkpoint                                               the checkpoint format
+      <- train, eval, sample, bench, convert, export, prepare     scripts
 """
 
 import difflib
@@ -11,13 +15,16 @@ import inspect
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import sys
+import tempfile
+import zlib
 from dataclasses import fields
+from pathlib import Path
 
 import torch
-
-from blalm import BLaLM, BLaLMConfig
-from data import tokenizer_from_dict, write_atomic
 
 # -----------------------------------------------------------------------------
 # Command lines: --key=value overrides of a config dataclass
@@ -205,7 +212,69 @@ def lr_factor(it, max_iters, warmup_iters=0, schedule="cosine", decay_frac=0.2, 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 # -----------------------------------------------------------------------------
-# Files and checkpoints
+# Files: the one atomic writer, the one "can this be written?" check, the run folder's lock
+
+# A temporary file or folder is named .<target>.tmp-<host>-<pid>-<random>, so that a later run can remove
+# what a killed process left (remove_stray_temps) and never touch a live one's.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMP = re.compile(r"\.(.+)\.tmp-([0-9a-f]{8})-(\d+)-[^/]*")
+
+
+def temp_prefix(name):
+    return f".{name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def pid_alive(pid):
+    if os.name != "posix":  # on Windows os.kill(pid, 0) is no liveness test: count everything as alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stray_temps(folder, target=None):
+    """Delete the temporary files and folders in `folder` (of write_atomic and prepare; those for `target`
+    only, when given) whose process has died -> their paths. Only this host's: a pid means nothing on another
+    machine sharing the disk. Older temp names without a pid are left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no such folder, or not a folder: nothing to clean
+        return removed
+    for e in entries:
+        m = _TEMP.fullmatch(e.name)
+        if not m or m[2] != _HOST or (target is not None and m[1] != target) or pid_alive(int(m[3])):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            Path(e.path).unlink(missing_ok=True)
+        removed.append(e.path)
+    return removed
+
+
+def write_atomic(path, data):
+    """Write bytes, text, or what data(f) writes to a binary file f, to a temp file next to `path`, then
+    rename it into place: a reader never sees half a file, a crash leaves the old one (and a temp file
+    that the next write of `path` removes). The one atomic writer of the project."""
+    path = Path(path)
+    remove_stray_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(obj, path):
@@ -213,73 +282,77 @@ def write_json(obj, path):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def check_writable(path, what="--json"):
-    """Fail now, not after a long job, when path cannot be written (its folder is missing, is a file, or is
-    read-only; or path is a folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{what}={path} is a folder; expected a file name")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what}={path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{what}={path}: folder {folder} is not writable")
-
-
-def save_checkpoint(ckpt, path):
-    """torch.save, atomically: a crash never leaves half a file, a full disk says so with the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        write_atomic(path, lambda f: torch.save(ckpt, f))
-    except (OSError, RuntimeError) as e:
-        raise OSError(28 if "space" in str(e).lower() or "iostream" in str(e) else getattr(e, "errno", None) or 5,
-                      f"cannot write checkpoint {path}: {getattr(e, 'strerror', None) or e} "
-                      "(is the disk full or the folder read-only?)") from None
-
-
-def resolve_checkpoint_path(path):
-    """A checkpoint file, or a run folder (its ckpt.pt)."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "ckpt.pt")
-        if not os.path.isfile(inside):
-            raise FileNotFoundError(f"{path} is a folder without ckpt.pt; expected a checkpoint file or a run folder")
-        return inside
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+def check_writable(path, flag, folder=False, make_parents=False):
+    """Fail now, not after a long job, when `path` (a file, or with folder=True a folder) cannot be written:
+    it is a folder where a file is expected or the reverse, lies under a file, or its folder is read-only
+    (probed by writing, since os.access cannot see an immutable folder, or a read-only one when run as root).
+    With make_parents the missing folders above path are made (path itself never is); without, a missing folder
+    above a file is an error, while for a folder the nearest existing one above it is probed (the caller makes
+    the rest later, once every check has passed)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag}={path} is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag}={path} is a folder; expected a file name")
+    parent = path.absolute().parent
+    blocker = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{flag}={path} lies under {blocker}, which is a file ({blocker.name} is a file, not a folder)")
+    if not parent.is_dir() and make_parents:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{flag}={path}: cannot create {parent} ({e.strerror})") from None
+    elif not parent.is_dir() and not folder:
+        raise ValueError(f"{flag}={path}: folder {parent} does not exist")
+    nearest = next(p for p in [parent, *parent.parents] if p.is_dir())
+    for where in [nearest] + ([path] if folder and path.is_dir() else []):
+        try:
+            fd, probe = tempfile.mkstemp(dir=where, prefix=temp_prefix("probe"))
+        except OSError as e:
+            raise ValueError(f"{flag}={path}: cannot write in {where} ({e.strerror})") from None
+        os.close(fd)
+        os.unlink(probe)
     return path
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load with errors that name the file and say what is wrong with it."""
-    path = resolve_checkpoint_path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {e})") from None
-    missing = [k for k in ("model", "config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}; expected a file written by train.py or convert.py")
-    return ckpt
+class FolderLock:
+    """An exclusive lock on a run folder: the file LOCK holds the owner's host and pid, created with O_EXCL
+    (atomic on local and NFS v3+ file systems). A second process gets a one-line error naming the owner; a lock
+    left by a dead process of this host is taken over with a note. A context manager; release() removes it."""
 
+    def __init__(self, folder, what="run folder"):
+        self.path = Path(folder) / "LOCK"
+        self.what = what
+        self.held = False
 
-def model_from_checkpoint(ckpt, path="checkpoint", device="cpu"):
-    """The BLaLM of a checkpoint dict, weights loaded, on device, in eval mode."""
-    config = BLaLMConfig.from_dict(ckpt["config"])
-    if config.mlstm_kernel == "triton" and torch.device(device).type != "cuda":
-        # the kernel is a speed option, not part of the model: both kernels compute the same function
-        print(f"note: {path} was trained with mlstm_kernel='triton' (CUDA only); using 'torch' on {device}")
-        config.mlstm_kernel = "torch"
-    model = BLaLM(config)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        bad = [line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
-               or "Unexpected" in line]
-        raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(bad)[:400]})") from None
-    return model.to(device).eval()
+    def acquire(self):
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):  # the second try after removing a dead owner's lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text(errors="replace").split()
+                host, pid = (owner + ["?", "0"])[:2] if owner else ("?", "0")
+                if host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid)):
+                    raise ValueError(f"{self.path.parent} is in use by another process ({host} pid {pid}, "
+                                     f"{self.path}); wait for it, or remove {self.path} if that process is gone") from None
+                print(f"note: {self.path} was left by a process that died (pid {pid}); taking it over")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self.held = True
+            return self
+        raise ValueError(f"could not lock {self.path.parent}: another process took {self.path} at the same time")
 
+    def release(self):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode on device, tiktoken tokenizer, the checkpoint dict). path: a file or a run folder."""
-    path = resolve_checkpoint_path(path)
-    ckpt = read_checkpoint(path)
-    return model_from_checkpoint(ckpt, path, device), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -26,7 +26,7 @@ dw and dbias take the parameters' dtypes. (The PyTorch form rounds every multipl
 Tested (test_all.py) against a float64 PyTorch computation, outputs and gradients, on the GPU where there is
 one and otherwise under the Triton interpreter (TRITON_INTERPRET=1 set before this module is imported).
 
-Optional: blalm.py imports this module only where it uses the kernel (mlstm_kernel="triton", training on CUDA
+Optional: blalm.py imports this module only where it uses the kernel (kernels="triton", training on CUDA
 without a cache), so the project runs without triton.
 """
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 import data
 from blalm import BLaLM, BLaLMConfig
-from common import lr_factor, parse_args, pick_device, read_checkpoint, run_cli, save_checkpoint, setup_precision
+import checkpoint
+from common import lr_factor, parse_args, pick_device, run_cli, setup_precision, write_atomic
 from hedgehog import (EluFeatureMap, HedgehogFeatureMap, acc_dtype, attention_distillation_loss,
                       linear_attention_weights, softmax_attention_weights)
 
@@ -61,7 +62,7 @@ def make_student(teacher, feature_map="hedgehog"):
     """
     The linear-attention twin of a softmax BLaLM (mixer="attn"): mixer="hedgehog", every weight copied,
     fresh feature maps of the kind asked for, on the teacher's device and dtype. A "hedgehog" student is
-    a plain BLaLM (its state dict loads with common.load_checkpoint); the baselines swap its
+    a plain BLaLM (its state dict loads with checkpoint.load_model); the baselines swap its
     fmap_q / fmap_k modules for EluFeatureMap ones.
     """
     if teacher.config.mixer != "attn":
@@ -425,7 +426,7 @@ def load_softmax_model(init_from):
     if init_from.startswith("gpt2:"):
         model, enc = load_gpt2(init_from[len("gpt2:"):])
         return model, data.tokenizer_to_dict(enc), {}
-    ckpt = read_checkpoint(init_from)
+    ckpt = checkpoint.load(init_from)
     config = BLaLMConfig.from_dict(ckpt["config"])
     if config.mixer != "attn":
         raise ValueError(f"{init_from} holds a mixer={config.mixer!r} model; conversion starts from a softmax "
@@ -505,8 +506,8 @@ def write_report(results, c, out_dir):
                   "or stage1_iters=0)."]
     lines += ["", f"Checkpoint: {results['checkpoint'] or 'none'}" + (f" ({results['checkpoint_note']})"
                                                                       if results.get("checkpoint_note") else ""), ""]
-    data.write_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))
-    data.write_atomic(os.path.join(out_dir, "report.json"), json.dumps(results, indent=1))
+    write_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))
+    write_atomic(os.path.join(out_dir, "report.json"), json.dumps(results, indent=1))
 
 
 def main(argv):
@@ -552,7 +553,7 @@ def main(argv):
     words_per_token = data.words_per_token(meta)
     if c.feature_map == "hedgehog":
         path = os.path.join(c.out_dir, "ckpt.pt")
-        save_checkpoint({"model": student.state_dict(), "config": student.config.to_dict(),
+        checkpoint.save({"model": student.state_dict(), "config": student.config.to_dict(),
                          "iter": c.stage1_iters + c.stage2_iters,
                          "tokens_seen": source.get("tokens_seen", 0) + tokens,
                          "words_seen": source.get("words_seen", 0) + tokens * words_per_token,

@@ -26,6 +26,7 @@ check_prepared(out_dir, source, ...) says whether a folder is a preparation of e
 before it reuses one).
 """
 
+import codecs
 import gzip
 import hashlib
 import inspect
@@ -35,9 +36,11 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 import unicodedata
+import zlib
 from collections import Counter, defaultdict, namedtuple
 from functools import lru_cache
 from heapq import heapify, heappop, heappush
@@ -49,8 +52,9 @@ import regex  # tiktoken's own dependency; needed for the \p{L} classes of the G
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_SPLIT_PATTERN
 
 
-from data import (FORMAT, META_FILE, TOKENIZER_FILE, check_out_dir, encoding_from_ranks, gpt2_encoding, load_meta,
-                  ranks_to_text, remove_stray_temps, sha256_file, temp_prefix, words_per_token, write_atomic)
+from common import check_writable, remove_stray_temps, temp_prefix, write_atomic
+from data import (FORMAT, META_FILE, TOKENIZER_FILE, encoding_from_ranks, gpt2_encoding, load_meta, ranks_to_text,
+                  sha256_file, words_per_token)
 from synthetic import PHENOMENA, synthetic_corpus, synthetic_minimal_pairs
 
 BABYLM_SPLITS = {".train": "train", ".dev": "dev", ".test": "test"}
@@ -104,6 +108,38 @@ def find_source_files(source):
                                  f"point --source at one release folder (several may be joined with commas)")
             seen[key] = f.path
     return files, ignored
+
+
+def check_file(path):
+    """Read a corpus file whole (gzip by suffix) -> how many bytes are not valid UTF-8 (each becomes U+FFFD
+    when read). A truncated or non-gzip .gz, or an unreadable file, is a one-line error naming the file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    decoder, replaced = codecs.getincrementaldecoder("utf-8")("replace"), 0
+    try:
+        with opener(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                text = decoder.decode(chunk)
+                replaced += text.count("\ufffd") - chunk.count(b"\xef\xbf\xbd")
+            replaced += decoder.decode(b"", final=True).count("\ufffd")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: not a whole gzip file ({type(e).__name__}: {e}); re-download or re-compress it, "
+                         "or remove it from the corpus") from None
+    return max(replaced, 0)
+
+
+def check_source(source, strict_utf8=False):
+    """Before any long work: every file of a corpus reads to its end; one that is not valid UTF-8 is named on
+    the console with its count of replaced bytes (with strict_utf8: an error instead)."""
+    files, _ = find_source_files(source)
+    for f in files:
+        replaced = check_file(f.path)
+        if replaced and strict_utf8:
+            raise ValueError(f"{f.path} is not valid UTF-8 ({replaced:,} bytes cannot be decoded); convert it "
+                             "(iconv -f latin1 -t utf-8), or leave out --strict_utf8=True to read them as U+FFFD")
+        if replaced:
+            print(f"warning: {f.path} is not valid UTF-8: {replaced:,} bytes read as U+FFFD "
+                  "(--strict_utf8=True refuses such a file)", file=sys.stderr)
+    return files
 
 
 def read_lines(path, counts):
@@ -614,27 +650,7 @@ def default_out_dir(source):
     return Path("data_prepared") / name
 
 
-def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.01, seed=1337, curriculum=False,
-            tokenizer="bpe", sources="", exclude=DEFAULT_EXCLUDE, doc_words=1000, min_doc_words=10,
-            synthetic_words=1_000_000, pairs_per_phenomenon=1000, verbose=True):
-    """Corpus -> out_dir/{train.bin, val.bin, tokenizer.tiktoken, meta.json, report.md, readability.png}
-    (+ pairs/*.jsonl for the synthetic source). Returns meta.
-
-    source: folder / BabyLM folder / text file, several joined by commas, or "synthetic".
-    budget_words: training words (None or 0: everything). vocab_size: None or 0: 16384 (1024 for synthetic).
-    sources: "name[:weight],..." to use (default: every source found); exclude: sources or single files
-    ("source/stem") to leave out, but never a source named in `sources`.
-    Everything is written to a temporary folder next to out_dir and moved in at the end, meta.json last;
-    meta.json's "settings" record what it was prepared from and with (see check_prepared). The temporary
-    folders that killed runs left next to out_dir are removed first.
-    """
-    log = print if verbose else (lambda *args, **kwargs: None)
-    t_start = time.time()
-    synthetic = str(source) == "synthetic"
-    budget_words = int(budget_words) if budget_words else None
-    settings = _settings(source, budget_words, vocab_size, val_fraction, seed, curriculum, tokenizer, sources,
-                         exclude, doc_words, min_doc_words, synthetic_words, pairs_per_phenomenon)
-    vocab_size = settings["vocab_size"]
+def _check_prepare_args(tokenizer, vocab_size, budget_words, doc_words, min_doc_words, val_fraction):
     if tokenizer not in ("bpe", "gpt2"):
         raise ValueError(f"tokenizer={tokenizer!r}; expected 'bpe' (trained here) or 'gpt2' (tiktoken's)")
     if tokenizer == "bpe" and vocab_size < 257:
@@ -646,33 +662,92 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
         raise ValueError(f"doc_words={doc_words} must be >= 1 and min_doc_words={min_doc_words} >= 0")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    wanted = parse_sources(sources)
+
+
+def _source_files(source, tmp, s, log):
+    """-> (files, ignored paths, wanted {source: weight or None}, excluded names): the corpus's files after
+    `sources` and `exclude`; the synthetic corpus is generated into tmp first."""
+    wanted = dict(s["sources"])
+    if s["source"] == "synthetic":
+        budget, doc_words = s["budget_words"], s["doc_words"]
+        n = budget / (1 - s["val_fraction"]) * 1.02 + 2 * doc_words if budget else s["synthetic_words"]
+        log(f"generating {n:.0f} words of synthetic child-directed English (seed {s['seed']})")
+        (tmp / "synthetic.txt").write_text("\n\n".join(synthetic_corpus(int(n), seed=s["seed"])) + "\n")
+        files, ignored = [SourceFile("synthetic", "train", tmp / "synthetic.txt")], []
+    else:
+        files, ignored = find_source_files(source)
+    found = sorted({f.source for f in files})
+    if wanted and set(wanted) - set(found):
+        raise ValueError(f"sources: {sorted(set(wanted) - set(found))} not found in {source}; found {found}")
+    # exclude names sources or single files ("onestopenglish/adv"); a source named in `sources` stays
+    skip = set(s["exclude"])
+    files = [f for f in files if f"{f.source}/{_strip_suffixes(f.path.name)}" not in skip
+             and (f.source in wanted if wanted else f.source not in skip)]
+    wanted = wanted or {name: None for name in sorted({f.source for f in files})}
+    excluded = [name for name in found if name not in wanted] + sorted(name for name in skip if "/" in name)
+    if not files:
+        raise ValueError(f"no text files to read in {source} (expected .txt, .txt.gz, .train or .dev files; "
+                         f"found sources {found}, excluded {excluded})")
+    return files, ignored, wanted, excluded
+
+
+def _train_tokenizer(tokenizer, vocab_size, texts, tmp, log):
+    """-> (tiktoken encoding, meta.json's tokenizer entry): BPE trained on texts into tmp, or GPT-2's."""
+    if tokenizer == "gpt2":
+        return gpt2_encoding(), {"name": "gpt2"}
+    t0 = time.time()
+    enc = train_bpe(texts, vocab_size, log=log)
+    train_seconds = round(time.time() - t0, 2)
+    (tmp / TOKENIZER_FILE).write_text(ranks_to_text(enc._mergeable_ranks))
+    return enc, {"name": "bpe", "file": TOKENIZER_FILE, "sha256": sha256_file(tmp / TOKENIZER_FILE),
+                 "train_seconds": train_seconds}
+
+
+def _publish(tmp, out_dir, outputs):
+    """Move the outputs from tmp into out_dir: meta.json goes first out and last in, so that a half-moved
+    folder has no meta.json."""
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    for stale in [out_dir / TOKENIZER_FILE] + [out_dir / "pairs" / f"{uid}.jsonl" for uid in PHENOMENA]:
+        stale.unlink(missing_ok=True)
+    for name in outputs + [META_FILE]:
+        (out_dir / name).parent.mkdir(exist_ok=True)
+        os.replace(tmp / name, out_dir / name)
+
+
+def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.01, seed=1337, curriculum=False,
+            tokenizer="bpe", sources="", exclude=DEFAULT_EXCLUDE, doc_words=1000, min_doc_words=10,
+            synthetic_words=1_000_000, pairs_per_phenomenon=1000, strict_utf8=False, checked=False, verbose=True):
+    """Corpus -> out_dir/{train.bin, val.bin, tokenizer.tiktoken, meta.json, report.md, readability.png}
+    (+ pairs/*.jsonl for the synthetic source). Returns meta.
+
+    source: folder / BabyLM folder / text file, several joined by commas, or "synthetic".
+    budget_words: training words (None or 0: everything). vocab_size: None or 0: 16384 (1024 for synthetic).
+    sources: "name[:weight],..." to use (default: every source found); exclude: sources or single files
+    ("source/stem") to leave out, but never a source named in `sources`.
+    Everything is written to a temporary folder next to out_dir and moved in at the end, meta.json last;
+    meta.json's "settings" record what it was prepared from and with (see check_prepared). The temporary
+    folders that killed runs left next to out_dir are removed first. Every file is read once before the long
+    work (check_source: a broken .gz is an error, invalid UTF-8 a warning or, with strict_utf8, an error),
+    unless the caller did that already (checked=True).
+    """
+    log = print if verbose else (lambda *args, **kwargs: None)
+    t_start = time.time()
+    synthetic = str(source) == "synthetic"
+    budget_words = int(budget_words) if budget_words else None
+    settings = _settings(source, budget_words, vocab_size, val_fraction, seed, curriculum, tokenizer, sources,
+                         exclude, doc_words, min_doc_words, synthetic_words, pairs_per_phenomenon)
+    vocab_size = settings["vocab_size"]
+    _check_prepare_args(tokenizer, vocab_size, budget_words, doc_words, min_doc_words, val_fraction)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    if not synthetic and not checked:
+        check_source(source, strict_utf8)
+    check_writable(out_dir, "out", folder=True, make_parents=True)
     for path in remove_stray_temps(out_dir.parent):
         log(f"removed {path}, left by a killed run")
     tmp, scratch = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent)), None
     try:
-        # sources
-        if synthetic:
-            n = budget_words / (1 - val_fraction) * 1.02 + 2 * doc_words if budget_words else synthetic_words
-            log(f"generating {n:.0f} words of synthetic child-directed English (seed {seed})")
-            (tmp / "synthetic.txt").write_text("\n\n".join(synthetic_corpus(int(n), seed=seed)) + "\n")
-            files, ignored = [SourceFile("synthetic", "train", tmp / "synthetic.txt")], []
-        else:
-            files, ignored = find_source_files(source)
-        found = sorted({f.source for f in files})
-        if wanted and set(wanted) - set(found):
-            raise ValueError(f"sources: {sorted(set(wanted) - set(found))} not found in {source}; found {found}")
-        # exclude names sources or single files ("onestopenglish/adv"); a source named in `sources` stays
-        skip = {s.strip() for s in exclude.split(",") if s.strip()}
-        files = [f for f in files if f"{f.source}/{_strip_suffixes(f.path.name)}" not in skip
-                 and (f.source in wanted if wanted else f.source not in skip)]
-        wanted = wanted or {s: None for s in sorted({f.source for f in files})}
-        excluded = [s for s in found if s not in wanted] + sorted(s for s in skip if "/" in s)
-        if not files:
-            raise ValueError(f"no text files to read in {source} (expected .txt, .txt.gz, .train or .dev files; "
-                             f"found sources {found}, excluded {excluded})")
+        files, ignored, wanted, excluded = _source_files(source, tmp, settings, log)
         # curation and selection
         log(f"curating {len(files)} files from sources {sorted(wanted)}")
         docs, stats = curate(files, tmp / "scratch.txt", doc_words, min_doc_words, log=log)
@@ -694,22 +769,13 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
             scratch.seek(d.offset)
             return scratch.read(d.nbytes).decode("utf-8")
 
-        # tokenizer
-        outputs = ["train.bin", "val.bin", "report.md", "readability.png"]
+        # tokenizer and bins
         if tokenizer == "bpe":
-            t0 = time.time()
             log(f"training byte-level BPE with vocab_size {vocab_size} on {len(train)} documents")
-            enc = train_bpe((read(d) for d in sorted(train, key=lambda d: d.offset)), vocab_size, log=log)
-            train_seconds = round(time.time() - t0, 2)
-            (tmp / TOKENIZER_FILE).write_text(ranks_to_text(enc._mergeable_ranks))
-            tok_info = {"name": "bpe", "file": TOKENIZER_FILE, "sha256": sha256_file(tmp / TOKENIZER_FILE),
-                        "train_seconds": train_seconds}
-            outputs.append(TOKENIZER_FILE)
-        else:
-            enc = gpt2_encoding()
-            tok_info = {"name": "gpt2"}
+        enc, tok_info = _train_tokenizer(tokenizer, vocab_size, (read(d) for d in sorted(train, key=lambda d: d.offset)),
+                                         tmp, log)
+        outputs = ["train.bin", "val.bin", "report.md", "readability.png"] + ([TOKENIZER_FILE] if tokenizer == "bpe" else [])
         dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
-        # bins
         splits, per_source = {}, {}
         for split, ds in (("train", train), ("val", val)):
             t0 = time.time()
@@ -718,6 +784,7 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
             splits[split] = {"file": f"{split}.bin", "documents": len(ds), "words": words, "tokens": n,
                              "bytes": n * np.dtype(dtype).itemsize, "sha256": sha}
             log(f"  {split}.bin: {len(ds)} documents, {words} words, {n} tokens ({time.time() - t0:.1f}s)")
+        # meta.json, the pairs of the synthetic grammar, the report
         meta = {
             "format": FORMAT, "source": str(source), "splits": splits, "dtype": np.dtype(dtype).name,
             "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "tokenizer": tok_info,
@@ -746,14 +813,7 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
         (tmp / "report.md").write_text(_report(meta, stats, quota, weights, ignored, excluded, synthetic, budget_note))
         meta["seconds"] = round(time.time() - t_start, 1)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        # publish: meta.json goes first out and last in, so a half-moved folder has no meta.json
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / META_FILE).unlink(missing_ok=True)
-        for stale in [out_dir / TOKENIZER_FILE] + [out_dir / "pairs" / f"{uid}.jsonl" for uid in PHENOMENA]:
-            stale.unlink(missing_ok=True)
-        for name in outputs + [META_FILE]:
-            (out_dir / name).parent.mkdir(exist_ok=True)
-            os.replace(tmp / name, out_dir / name)
+        _publish(tmp, out_dir, outputs)
         log(f"wrote {out_dir} in {meta['seconds']} s: train {splits['train']['words']} words / "
             f"{splits['train']['tokens']} tokens, val {splits['val']['words']} words / {splits['val']['tokens']} tokens")
         if budget_note:
@@ -773,7 +833,7 @@ def check_prepared(out_dir, source, **settings):
         return False
     args = inspect.signature(prepare).bind(source, out_dir, **settings)
     args.apply_defaults()
-    want = _settings(**{k: v for k, v in args.arguments.items() if k not in ("out_dir", "verbose")})
+    want = _settings(**{k: v for k, v in args.arguments.items() if k not in ("out_dir", "verbose", "strict_utf8", "checked")})
     meta = load_meta(out_dir, verify=False)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{out_dir} was prepared by an older data.py that did not record its source and "

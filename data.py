@@ -11,7 +11,7 @@ format, meta.json (sizes, sha256, and what the folder was prepared from and with
 readability.png (+ pairs/*.jsonl for the synthetic corpus).
 
 1. A prepared folder: load_meta, open_bin (dtype, sizes and token ids are checked here, where the data
-   enters), words_per_token; write_atomic, the project's one atomic file writer, and the folder checks.
+   enters), words_per_token.
 2. Tokenizers: load_tokenizer, and tokenizer_to_dict / tokenizer_from_dict for checkpoints.
 3. Batches: nanoGPT's random windows (`get_batch`) and epoch-exact, resumable batches (`EpochBatches`;
    with a curriculum, pass shuffle=False so the windows are visited in the stream's easy-to-hard order).
@@ -20,13 +20,7 @@ readability.png (+ pairs/*.jsonl for the synthetic corpus).
 import base64
 import hashlib
 import json
-import os
-import re
-import shutil
-import socket
 import sys
-import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +28,6 @@ import tiktoken
 import torch
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_SPLIT_PATTERN
 
-from synthetic import synthetic_corpus, synthetic_minimal_pairs  # re-exported: the built-in data, by its old name
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.tiktoken"
@@ -46,92 +39,6 @@ ID_CHECK_CHUNK = 1 << 24  # ids per step of open_bin's range check (32 MB of uin
 
 # -----------------------------------------------------------------------------
 # 1. A prepared folder
-
-# A temporary file or folder is named .<target>.tmp-<host>-<pid>-<random>, so that a later run can remove
-# what a killed process left (remove_stray_temps) and never touch a live one's.
-_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
-_TEMP = re.compile(r"\.(.+)\.tmp-([0-9a-f]{8})-(\d+)-[^/]*")
-
-
-def temp_prefix(name):
-    return f".{name}.tmp-{_HOST}-{os.getpid()}-"
-
-
-def _alive(pid):
-    if os.name != "posix":  # on Windows os.kill(pid, 0) is no liveness test: keep everything
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stray_temps(folder, target=None):
-    """Delete the temporary files and folders in `folder` (of write_atomic and prepare; those for `target`
-    only, when given) whose process has died -> their paths. Only this host's: a pid means nothing on another
-    machine sharing the disk. Older temp names without a pid are left alone."""
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:  # no such folder, or not a folder: nothing to clean
-        return removed
-    for e in entries:
-        m = _TEMP.fullmatch(e.name)
-        if not m or m[2] != _HOST or (target is not None and m[1] != target) or _alive(int(m[3])):
-            continue
-        if e.is_dir(follow_symlinks=False):
-            shutil.rmtree(e.path, ignore_errors=True)
-        else:
-            Path(e.path).unlink(missing_ok=True)
-        removed.append(e.path)
-    return removed
-
-
-def write_atomic(path, data):
-    """Write bytes, text, or what data(f) writes to a binary file f, to a temp file next to `path`, then
-    rename it into place: a reader never sees half a file, a crash leaves the old one (and a temp file
-    that the next write of `path` removes). The one atomic writer of the project (common.py's checkpoint
-    and JSON writers use it too)."""
-    path = Path(path)
-    remove_stray_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_out_dir(out_dir, flag="out"):
-    """Fail now, not after a long job, when the folder out_dir cannot be written: it is a file, lies under a
-    file, or it (or its parent folder) is read-only. Creates the parent folder. prepare's --out and
-    train.py's --out_dir are checked with this."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{flag}={out_dir} is a file; expected a folder")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        blocker = next((p for p in out_dir.parents if p.is_file()), None)
-        raise ValueError(f"{flag}={out_dir} lies under {blocker}, which is a file ({blocker.name} is a file, not a "
-                         f"folder)" if blocker else f"{flag}={out_dir}: cannot create {out_dir.parent} ({e.strerror})"
-                         ) from None
-    for folder in [out_dir.parent] + ([out_dir] if out_dir.is_dir() else []):
-        try:  # os.access cannot see an immutable folder, or a read-only one when run as root
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix("probe"))
-        except OSError as e:
-            raise ValueError(f"{flag}={out_dir}: cannot write in {folder} ({e.strerror})") from None
-        os.close(fd)
-        os.unlink(probe)
 
 
 def sha256_file(path):

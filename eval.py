@@ -5,7 +5,7 @@ pairs), perplexity, and the learning curve of a run's milestone checkpoints.
     python eval.py --ckpt=out/ckpt.pt --babylm=DIR               # the 2025 suite: every task folder in DIR
     python eval.py --run=out --babylm=DIR                        # each ckpt_<N>M_words.pt of a run: curve + plot
     python eval.py --ckpt=out/ckpt.pt --blimp=DIR --zorro=DIR    # accuracy per paradigm and field
-    python eval.py --ckpt=out/ckpt.pt --pairs=builtin            # the synthetic pairs of data.py
+    python eval.py --ckpt=out/ckpt.pt --pairs=builtin            # the synthetic pairs of synthetic.py
     python eval.py --ckpt=out/ckpt.pt --text=FILE                # perplexity and bits per byte (.txt, .txt.gz)
     python eval.py --help
 
@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from common import check_writable, load_checkpoint, parse_args, pick_device, run_cli, write_json
-from data import write_atomic
+from checkpoint import load_model, milestones
+from common import check_writable, parse_args, pick_device, run_cli, write_atomic, write_json
 from synthetic import synthetic_minimal_pairs
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
@@ -976,12 +976,6 @@ def plot_curve(points, path):
     write_atomic(path, buf.getvalue())
 
 
-def milestone_checkpoints(run):
-    """A run folder's (N, path) for its ckpt_<N>M_words.pt files, sorted by N."""
-    return sorted((int(m.group(1)), p) for p in Path(run).iterdir()
-                  if (m := re.fullmatch(r"ckpt_(\d+)M_words\.pt", p.name)))
-
-
 def evaluate_run(cfg, suite, device, partial=None):
     """--run: the suite at every milestone (the pipeline's revisions chck_<N>M) and on the final checkpoint
     (RUN/ckpt.pt, the main revision, when present) -> RUN/babylm_curve.json and the figure of the milestones;
@@ -991,7 +985,7 @@ def evaluate_run(cfg, suite, device, partial=None):
     run = Path(cfg.run)
     if not run.is_dir():
         raise FileNotFoundError(f"--run={run} is not a folder")
-    revisions = [(f"chck_{n}M", path) for n, path in milestone_checkpoints(run)]
+    revisions = [(f"chck_{n}M", path) for n, path in milestones(run)]
     if (run / "ckpt.pt").is_file():
         revisions.append(("main", run / "ckpt.pt"))
     if not any(name != "main" for name, _ in revisions):
@@ -1004,7 +998,7 @@ def evaluate_run(cfg, suite, device, partial=None):
     result.update(run=str(run), babylm=cfg.babylm, max_items_per_uid=cfg.max_pairs or None, revisions=[],
                   summary={}, final=None, points=[])
     for name, path in revisions:
-        model, enc, ckpt = load_checkpoint(str(path), device)
+        model, enc, ckpt = load_model(str(path), device)
         try:
             res = score_babylm(model, enc, suite, device, cfg.batch_size, cfg.max_pairs or None, progress=True)
         except Interrupted as e:
@@ -1052,7 +1046,7 @@ def main(argv):
     if cfg.max_pairs < 0 or cfg.batch_size < 1:
         raise ValueError(f"--max_pairs={cfg.max_pairs} must be >= 0 and --batch_size={cfg.batch_size} >= 1")
     if cfg.json:
-        check_writable(cfg.json)
+        check_writable(cfg.json, "--json")
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
     suite = load_babylm(cfg.babylm, tasks) if cfg.babylm else None
     pairs, suite_of = {}, {}
@@ -1102,7 +1096,7 @@ def stopped(cfg, results, e):
 
 def evaluate_checkpoint(cfg, suite, pairs, suite_of, text, device, results):
     """--ckpt: perplexity, the suite, the minimal pairs of one checkpoint -> results (filled as they finish)."""
-    model, enc, ckpt = load_checkpoint(cfg.ckpt, device)
+    model, enc, ckpt = load_model(cfg.ckpt, device)
     print(f"{cfg.ckpt}: iter {ckpt.get('iter')}, {fmt_count(ckpt.get('words_seen'))} words seen, "
           f"mixer={model.config.mixer}")
     results.update(ckpt=cfg.ckpt, iter=ckpt.get("iter"), words_seen=ckpt.get("words_seen"))

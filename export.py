@@ -34,8 +34,10 @@ from pathlib import Path
 
 import torch
 
-from common import model_from_checkpoint, parse_args, read_checkpoint, resolve_checkpoint_path, run_cli, write_json
-from data import EOT, remove_stray_temps, temp_prefix, tokenizer_from_dict, write_atomic
+from checkpoint import load, milestones, model_from_checkpoint, resolve_path
+from common import (check_writable, parse_args, remove_stray_temps, run_cli, temp_prefix, write_atomic,
+                    write_json)
+from data import EOT, tokenizer_from_dict
 
 ROOT = Path(__file__).resolve().parent
 WRAPPER_DIR = ROOT / "hf_code"
@@ -44,7 +46,6 @@ MODEL_FILES = ("blalm.py", "decode.py", "hedgehog.py", "mlstm_triton.py", "conv_
 AUTO_MAP = {"AutoConfig": "configuration_blalm.BLaLMHFConfig", "AutoModel": "modeling_blalm.BLaLMModel",
             "AutoModelForCausalLM": "modeling_blalm.BLaLMForCausalLM",
             "AutoModelForSequenceClassification": "modeling_blalm.BLaLMForSequenceClassification"}
-MILESTONE = re.compile(r"ckpt_(\d+)M_words\.pt")
 
 
 @dataclass
@@ -228,10 +229,9 @@ def hf_config(config, eot):
 
 def export_checkpoint(path, out):
     """Write the model folder of checkpoint `path` into the existing empty folder `out`."""
-    ckpt = read_checkpoint(path)
+    ckpt = load(path)
     model = model_from_checkpoint(ckpt, path)
     config = model.config
-    config.mlstm_kernel = "torch"  # the Triton kernel is a CUDA speed option; both compute the same function
     enc = tokenizer_from_dict(ckpt["tokenizer"])
     if enc.n_vocab > config.vocab_size:
         raise ValueError(f"checkpoint {path}: its tokenizer has {enc.n_vocab} tokens, more than the model's "
@@ -299,12 +299,7 @@ def check_out(out, overwrite, sources=()):
     if "." in out.name:  # transformers < 5 imports the folder's code as a module named after the folder
         raise ValueError(f"--out={out}: the folder name {out.name!r} has a '.', which transformers < 5 cannot "
                          f"import trust_remote_code from; choose a name without dots")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out={out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"--out={out}: folder {out.parent} is not writable")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out={out} is a file; expected a folder")
+    check_writable(out, "--out", folder=True, make_parents=True)  # hf/ of `--out=hf/blalm` is made in a fresh clone
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out={out} is not empty; give --overwrite=True to replace it, or another --out")
     if out.is_dir() and any(out.iterdir()) and (foreign := not_an_export(out)):
@@ -318,7 +313,7 @@ LEGACY_TEMP = re.compile(r"(.+)\.(tmp|old)-[0-9a-f]{8}")  # the names before tem
 
 
 def remove_stale_temps(out):
-    """Remove what killed exports to `out` left beside it: temporary folders named by data.temp_prefix whose
+    """Remove what killed exports to `out` left beside it: temporary folders named by common.temp_prefix whose
     process is dead (remove_stray_temps), and the older <out>.tmp-<hex> / <out>.old-<hex> names of this
     script (no process to ask: an export of the same name writing at this very moment would lose its
     temporary folder and fail cleanly) -> the paths removed."""
@@ -334,7 +329,7 @@ def remove_stale_temps(out):
 def write_folder(out, build):
     """build(tmp) into a new folder beside out, then renamed to out (an old out is moved aside first and
     removed after): a failed build leaves out as it was. Temporary names carry host and pid
-    (data.temp_prefix), so a later export removes what a killed one left."""
+    (common.temp_prefix), so a later export removes what a killed one left."""
     for p in remove_stale_temps(out):
         print(f"removed {p}, left by an earlier export that did not finish")
     tmp = out.with_name(f"{temp_prefix(out.name)}{uuid.uuid4().hex[:8]}")
@@ -353,12 +348,6 @@ def write_folder(out, build):
         raise
 
 
-def milestones(run):
-    """-> [(N, path)] of the run's ckpt_<N>M_words.pt, by N."""
-    found = [(int(m.group(1)), p) for p in Path(run).iterdir() if (m := MILESTONE.fullmatch(p.name))]
-    return sorted(found)
-
-
 def main(argv):
     cfg = parse_args(argv, ExportConfig, doc=__doc__)
     if bool(cfg.ckpt) == bool(cfg.run):
@@ -368,10 +357,10 @@ def main(argv):
     if cfg.run:
         if not os.path.isdir(cfg.run):
             raise FileNotFoundError(f"--run={cfg.run} is not a folder; expected a run folder written by train.py")
-        main_ckpt = resolve_checkpoint_path(os.path.join(cfg.run, cfg.final))
+        main_ckpt = resolve_path(os.path.join(cfg.run, cfg.final))
         marks = milestones(cfg.run)
     else:
-        main_ckpt, marks = resolve_checkpoint_path(cfg.ckpt), []
+        main_ckpt, marks = resolve_path(cfg.ckpt), []
     out = check_out(cfg.out, cfg.overwrite, [main_ckpt] + [p for _, p in marks])
 
     def build(tmp):

@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import check_writable, load_checkpoint, parse_args, pick_device, resolve_checkpoint_path, run_cli, write_json
+from checkpoint import load_model, resolve_path
+from common import check_writable, parse_args, pick_device, run_cli, write_json
 
 # task -> (fields of part A, fields of part B or None, template of A, template of B): the pipeline's layouts
 TASKS = {
@@ -181,7 +182,7 @@ def metrics(pred, gold, num_labels):
     return dict(accuracy=float(correct / n), f1=f1, mcc=mcc)
 
 
-def lr_factor(step, total, warmup, min_factor):
+def pipeline_lr_factor(step, total, warmup, min_factor):
     """The rate of update `step` (0-based) over the peak: linear from 0 over the warmup steps, then a cosine
     from 1 down to min_factor at the last step (the pipeline's schedule; its first update has rate 0)."""
     if step < warmup:
@@ -206,7 +207,7 @@ def predict(model, seqs, pad, device, batch_size):
 # -----------------------------------------------------------------------------
 
 
-def check_config(cfg):
+def check_finetune_config(cfg):
     """-> (task, num_labels, metric for the best epoch); every flag checked before any work."""
     if not (cfg.ckpt and cfg.train and cfg.valid):
         raise ValueError("give --ckpt=CKPT, --train=FILE and --valid=FILE (JSON Lines of a (Super)GLUE task)")
@@ -226,9 +227,9 @@ def check_config(cfg):
     if not (cfg.learning_rate > 0 and 0 <= cfg.warmup_proportion <= 1 and 0 <= cfg.min_factor <= 1
             and 0 <= cfg.classifier_dropout < 1):
         raise ValueError("expected --learning_rate > 0 and --warmup_proportion, --min_factor, --classifier_dropout in [0, 1]")
-    resolve_checkpoint_path(cfg.ckpt)
+    resolve_path(cfg.ckpt)
     if cfg.json:
-        check_writable(cfg.json)
+        check_writable(cfg.json, "--json")
         if Path(cfg.json).exists() and not cfg.overwrite:
             raise ValueError(f"--json={cfg.json} exists (an earlier run's results); give another name or --overwrite=True")
     return task, num_labels, metric
@@ -236,12 +237,12 @@ def check_config(cfg):
 
 def main(argv):
     cfg = parse_args(argv, FinetuneConfig, doc=__doc__)
-    task, num_labels, metric = check_config(cfg)
+    task, num_labels, metric = check_finetune_config(cfg)
     train_set, valid_set = read_task(cfg.train, task, num_labels), read_task(cfg.valid, task, num_labels)
     device = pick_device(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    lm, enc, ckpt = load_checkpoint(cfg.ckpt, device)
+    lm, enc, ckpt = load_model(cfg.ckpt, device)
     max_length = cfg.max_length
     if getattr(lm, "learned_pos", False) and max_length > lm.config.block_size:
         max_length = lm.config.block_size
@@ -269,7 +270,7 @@ def main(argv):
         for s in range(steps_per_epoch):
             rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size].tolist()
             x, lengths = batch([train_seqs[j] for j in rows], enc.eot_token)
-            lr = cfg.learning_rate * lr_factor(step, total, warmup, cfg.min_factor)
+            lr = cfg.learning_rate * pipeline_lr_factor(step, total, warmup, cfg.min_factor)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = F.cross_entropy(model(x.to(device), lengths), train_labels[rows].to(device))

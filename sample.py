@@ -1,7 +1,8 @@
 """
 Generate text from a checkpoint: the prompts are read once, then each new token is decoded from the
 model's recurrent state (model.generate: on CUDA one captured CUDA graph per token); the samples are the rows
-of one batch. The time it took, and tokens per second, go to stderr.
+of one batch. On a CPU a progress line goes to stderr every few seconds; the time it took, and tokens per
+second, go to stderr at the end.
 
     python sample.py --ckpt=out/ckpt.pt --start="Once upon a time" --num_samples=3
     python sample.py --ckpt=out/ckpt.pt --start=FILE:prompt.txt    # the prompt from a file
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import load_checkpoint, parse_args, pick_device, run_cli
+from checkpoint import load_model
+from common import parse_args, pick_device, run_cli
 
 
 @dataclass
@@ -36,6 +38,24 @@ class SampleConfig:
     compile: bool = False     # torch.compile the decode step (CUDA): seconds to compile, then ~2.5x faster per token
 
 
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines on a CPU
+
+
+class DecodeProgress:
+    """A line on stderr every few seconds while a CPU decodes (on a GPU it takes seconds): steps done, rate, ETA."""
+
+    def __init__(self, t0):
+        self.t0 = self.last = t0
+
+    def __call__(self, n, total):
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S:
+            rate = n / (now - self.t0)
+            print(f"  decoding: step {n}/{total}, {rate:.1f} steps/s, ETA {(total - n) / rate:.0f} s",
+                  file=sys.stderr, flush=True)
+            self.last = now
+
+
 def main(argv):
     cfg = parse_args(argv, SampleConfig, doc=__doc__)
     if not cfg.ckpt:
@@ -47,7 +67,7 @@ def main(argv):
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype={cfg.dtype!r} is not one of ('auto', 'bfloat16', 'float32')")
     device = pick_device(cfg.device)
-    model, enc, _ = load_checkpoint(cfg.ckpt, device)
+    model, enc, _ = load_model(cfg.ckpt, device)
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda")):
         model = model.to(torch.bfloat16)
     if cfg.compile:
@@ -75,7 +95,8 @@ def main(argv):
     x = torch.tensor([p + [enc.eot_token] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
     t0 = time.perf_counter()
     y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                       lengths=[len(p) for p in prompts], eot=enc.eot_token if cfg.stop_at_eot else None).tolist()
+                       lengths=[len(p) for p in prompts], eot=enc.eot_token if cfg.stop_at_eot else None,
+                       progress=None if device.startswith("cuda") else DecodeProgress(t0)).tolist()
     seconds = time.perf_counter() - t0   # .tolist() waited for the device
     for text, prompt, row in zip(samples, prompts, y):
         new = row[len(prompt):len(prompt) + cfg.max_new_tokens]

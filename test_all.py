@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -42,8 +43,9 @@ import blalm
 import decode
 from blalm import (BLaLM, BLaLMConfig, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent,
                    mlstm_step, segsum)
+import checkpoint
 import common
-from common import load_checkpoint, parse_args, save_checkpoint
+from common import parse_args
 import convert
 from convert import (add_lora, attention_maps, distill_feature_maps, distillation_losses, finetune, layer_qk,
                      load_softmax_model, LoRALinear, make_student, merge_lora)
@@ -81,9 +83,10 @@ def rel_err(a, b):
 # the layout: imports point down the layers of the README
 
 
-LAYERS = {"hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,   # math: torch only
+LAYERS = {"common": 0,                                                        # plumbing: the ground floor
+          "hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,       # math: torch only
           "blalm": 2, "decode": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
-          "common": 3,                                             # plumbing
+          "checkpoint": 3,                                                      # the checkpoint format
           "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4,
           "finetune": 4}  # scripts
 
@@ -111,6 +114,21 @@ def test_imports_point_down_the_layers_with_no_cycle_and_no_importer_of_train():
             assert downward, f"{name}.py (layer {LAYERS[name]}) imports {dep}.py (layer {LAYERS[dep]})"
     assert not any(graph[m] for m in ("hedgehog", "muon", "mlstm_triton", "conv_triton") if m in graph), \
         "a math file imports the project"
+
+
+def test_common_imports_no_project_file_and_no_function_name_is_defined_in_two_files():
+    files = {p.stem: p for p in ROOT.glob("*.py") if not p.stem.startswith("test_")}
+    assert project_imports(files["common"]) == set(), "common.py is the ground floor: it imports no project file"
+    done = subprocess.run([sys.executable, "-c", "import sys, common; print(sorted(m for m in sys.modules "
+                           f"if m in {sorted(LAYERS)!r}))"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "['common']", done.stdout + done.stderr
+    owners = {}
+    for name, path in files.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "main":  # every script has a main
+                owners.setdefault(node.name, []).append(name)
+    twice = {n: where for n, where in owners.items() if len(where) > 1}
+    assert not twice, f"defined in more than one file: {twice}"
 
 
 # =============================================================================
@@ -424,10 +442,10 @@ def test_triton_kernel_stays_finite_for_gates_at_the_contract_limits():
 
 @needs_kernel
 def test_triton_kernel_in_the_model_gives_the_torch_kernels_logits_and_gradients():
-    cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, chunk_size=16)
+    cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**cfg)).to(KERNEL_DEVICE)
-    fused = BLaLM(BLaLMConfig(**cfg, mlstm_kernel="triton")).to(KERNEL_DEVICE)
+    model = BLaLM(BLaLMConfig(**cfg)).set_kernels(chunk_size=16).to(KERNEL_DEVICE)
+    fused = BLaLM(BLaLMConfig(**cfg)).set_kernels("triton", chunk_size=16).to(KERNEL_DEVICE)
     fused.load_state_dict(model.state_dict())
     idx = torch.randint(0, 64, (2, 27), device=KERNEL_DEVICE)
     (logits, loss), (fused_logits, fused_loss) = model(idx, idx), fused(idx, idx)
@@ -478,8 +496,8 @@ def test_chunkwise_rejects_an_unknown_kernel_name():
     i, f = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
     with pytest.raises(ValueError, match="kernel='cuda'"):
         mlstm_chunkwise(q, k, v, i, f, kernel="cuda")
-    with pytest.raises(ValueError, match="mlstm_kernel='cuda'"):
-        BLaLMConfig(mlstm_kernel="cuda")
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        BLaLM(BLaLMConfig(n_layer=1)).set_kernels("cuda")
 
 
 @pytest.mark.skipif(HAVE_TRITON, reason="triton is installed")
@@ -589,7 +607,7 @@ def test_triton_short_conv_refuses_cpu_tensors_outside_the_interpreter():
 
 
 @pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="the layer takes the fused convolution "
-                    "only on CUDA tensors (mlstm_kernel='triton', training, no cache): needs a GPU")
+                    "only on CUDA tensors (kernels='triton', training, no cache): needs a GPU")
 def test_triton_short_conv_is_what_a_training_layer_runs_on_the_gpu_and_matches_causal_conv(monkeypatch):
     import conv_triton
     calls = []
@@ -599,7 +617,8 @@ def test_triton_short_conv_is_what_a_training_layer_runs_on_the_gpu_and_matches_
     plain = blalm.MLSTMLayer(BLaLMConfig(n_embd=48, n_head=2, short_conv=4)).cuda().train()
     plain.short_conv(torch.randn(3, 50, 144, device="cuda"), None)
     assert calls == []                                                     # the default kernel="torch": PyTorch
-    layer = blalm.MLSTMLayer(BLaLMConfig(n_embd=48, n_head=2, short_conv=4, mlstm_kernel="triton")).cuda()
+    layer = blalm.MLSTMLayer(BLaLMConfig(n_embd=48, n_head=2, short_conv=4)).cuda()
+    layer.kernel = "triton"  # what BLaLM.set_kernels("triton") sets on each layer
     qkv = torch.randn(3, 50, 144, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     params = [qkv, layer.conv.weight, layer.conv.bias]
     fused = outputs_and_grads(lambda *a: layer.train().short_conv(a[0], None), params)
@@ -616,6 +635,15 @@ def test_triton_short_conv_is_what_a_training_layer_runs_on_the_gpu_and_matches_
 # blalm.py: the model
 
 TINY = dict(vocab_size=61, block_size=64, n_layer=2, n_head=2, n_embd=16)
+RUN_SETTINGS = {"mlstm_form": "form", "chunk_size": "chunk_size", "kernels": "kernels"}
+
+
+def build(**settings):
+    """A BLaLM of BLaLMConfig's settings and the run settings among them (mlstm_form, chunk_size, kernels),
+    which are not model config: they go to set_kernels."""
+    run = {RUN_SETTINGS[k]: settings.pop(k) for k in list(settings) if k in RUN_SETTINGS}
+    return BLaLM(BLaLMConfig(**settings)).set_kernels(**run)
+
 VARIANTS = {
     "blalm": {},
     "attn": dict(mixer="attn", bias=True),
@@ -631,7 +659,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_stepwise_decoding_logits_equal_full_forward(variant):
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**TINY, **VARIANTS[variant])).double().eval()
+    model = build(**TINY, **VARIANTS[variant]).double().eval()
     idx = torch.randint(0, 61, (2, 25))
     with torch.no_grad():
         full, _ = model(idx)
@@ -660,7 +688,7 @@ def test_model_forms_and_loss_are_consistent(variant):
 
 def test_mlstm_forms_give_the_same_model_output():
     torch.manual_seed(0)
-    models = {form: BLaLM(BLaLMConfig(**TINY, mlstm_form=form, chunk_size=4)).double() for form in blalm.MLSTM_FORMS}
+    models = {form: build(**TINY, mlstm_form=form, chunk_size=4).double() for form in blalm.MLSTM_FORMS}
     sd = models["chunkwise"].state_dict()
     idx = torch.randint(0, 61, (2, 19))
     outs = {}
@@ -715,7 +743,7 @@ def test_compiled_blocks_keep_the_training_length_static_after_evaluation_at_oth
                                                                                for d in v.shape)) for v in graph)
 
     torch._dynamo.reset()
-    model = BLaLM(BLaLMConfig(**TINY, swa_window=4, chunk_size=4)).compile_blocks(backend=record)
+    model = build(**TINY, swa_window=4, chunk_size=4).compile_blocks(backend=record)
     try:
         idx = torch.randint(0, 61, (2, 24))
         model.train()
@@ -787,7 +815,7 @@ def greedy_by_full_forward(model, ids, n):
 @pytest.mark.parametrize("variant", STATIC_VARIANTS)
 def test_static_decode_step_logits_equal_full_forward_float64(variant, prefix):
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**TINY, **STATIC_VARIANTS[variant])).double().eval()
+    model = build(**TINY, **STATIC_VARIANTS[variant]).double().eval()
     idx = torch.randint(0, 61, (3, 25))
     with torch.no_grad():
         full = model(idx)[0]          # chunkwise mLSTM, blocked SWA, causal SDPA: none of decode_step's code
@@ -805,7 +833,7 @@ def test_static_decode_step_logits_equal_full_forward_float64(variant, prefix):
 @pytest.mark.parametrize("variant", ["ring_wraps", "attn", "hedgehog_mixer"])
 def test_generate_greedy_static_decode_equals_eager_decode_token_for_token(variant):
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**TINY, **STATIC_VARIANTS[variant])).double().eval()
+    model = build(**TINY, **STATIC_VARIANTS[variant]).double().eval()
     prompt = torch.randint(0, 61, (2, 6))
     out = model.generate(prompt, 15, temperature=0)
     # the eager path: forward with a DecodeCache (tensors that grow, Python positions), one token at a time
@@ -822,7 +850,7 @@ def test_generate_greedy_static_decode_equals_eager_decode_token_for_token(varia
 @pytest.mark.parametrize("variant", ["ring_wraps", "attn"])
 def test_generate_prompts_of_different_lengths_decode_each_row_as_if_alone(variant):
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**TINY, **STATIC_VARIANTS[variant])).double().eval()
+    model = build(**TINY, **STATIC_VARIANTS[variant]).double().eval()
     lengths = [3, 8, 1, 5]
     idx = torch.randint(0, 61, (4, 8))
     for b, n in enumerate(lengths):
@@ -916,7 +944,7 @@ def test_compiled_decode_traces_each_block_whole_and_decodes_the_same_tokens(var
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**TINY, **STATIC_VARIANTS[variant])).double().eval()
+    model = build(**TINY, **STATIC_VARIANTS[variant]).double().eval()
     prompt = torch.randint(0, 61, (2, 6))
     want = model.generate(prompt, 10, temperature=0)
     try:
@@ -932,7 +960,7 @@ def test_compiled_decode_traces_each_block_whole_and_decodes_the_same_tokens(var
 @pytest.mark.parametrize("variant", ["ring_wraps", "attn", "hedgehog_mixer"])
 def test_cuda_graph_decode_equals_eager_decode_and_its_logits_the_full_forward(variant, dtype):
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(**{**TINY, "block_size": 128}, **STATIC_VARIANTS[variant])).cuda().to(dtype).eval()
+    model = build(**{**TINY, "block_size": 128}, **STATIC_VARIANTS[variant]).cuda().to(dtype).eval()
     prompts = torch.randint(0, 61, (4, 40), device="cuda")
     lengths = [40, 17, 33, 25]
     graphed = model.generate(prompts, 48, temperature=0, lengths=lengths)          # graph=None: captured on CUDA
@@ -1017,7 +1045,7 @@ def test_gpt2_state_dict_without_transformer_prefix_loads_too():
 
 @pytest.mark.parametrize("bad,message", [
     (dict(mixer="rnn"), "mixer='rnn'"), (dict(feature_map="elu"), "feature_map='elu'"),
-    (dict(mlstm_form="fast"), "mlstm_form='fast'"), (dict(n_embd=30, n_head=4), "n_embd=30"),
+    (dict(n_embd=30, n_head=4), "n_embd=30"),
     (dict(swa_window=-1), "swa_window=-1"), (dict(gate_softcap=-1.0), "gate_softcap=-1.0"),
     (dict(mixer="attn", feature_map="hedgehog"), "applies to mixer='mlstm' only"), (dict(dropout=1.0), "dropout=1.0"),
 ])
@@ -1464,7 +1492,7 @@ def tiny_teacher(vocab_size=64, block_size=32, spiky=10.0, dtype=torch.float32, 
     uniform (a freshly initialised model attends almost uniformly, which any map mimics)."""
     torch.manual_seed(seed)
     config = BLaLMConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16, mixer="attn",
-                         bias=True, chunk_size=8)
+                         bias=True)
     model = BLaLM(config)
     with torch.no_grad():
         for block in model.transformer.h:
@@ -1641,7 +1669,7 @@ def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_he
     meta = data.load_meta(tiny_prepared_data)
     tokenizer = data.tokenizer_to_dict(data.load_tokenizer(tiny_prepared_data))
     teacher = tiny_teacher(vocab_size=meta["vocab_size"])
-    save_checkpoint({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 7, "tokens_seen": 1000,
+    checkpoint.save({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 7, "tokens_seen": 1000,
                      "words_seen": 300.0, "tokenizer": tokenizer}, str(tmp_path / "teacher.pt"))
     out = tmp_path / "converted"
     convert.main([f"--init_from={tmp_path / 'teacher.pt'}", f"--data={tiny_prepared_data}", f"--out_dir={out}",
@@ -1651,7 +1679,7 @@ def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_he
     assert (out / "report.md").is_file()
     assert sum(report["distill_after"]) < 0.5 * sum(report["distill_before"])
     assert len(report["stage1_history"]) == 25 and len(report["stage2_history"]) == 4
-    model, enc, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    model, enc, ckpt = checkpoint.load_model(str(out / "ckpt.pt"))
     assert model.config.mixer == "hedgehog" and ckpt["tokenizer"] == tokenizer
     assert ckpt["tokens_seen"] == 1000 + 29 * 4 * 24 and ckpt["words_seen"] > 300.0
     # the saved model is the one the report measured: recompute its loss on the same validation windows
@@ -1668,7 +1696,7 @@ def test_conversion_end_to_end_lowers_distillation_loss_and_writes_a_loadable_he
 
 def test_conversion_refuses_data_of_another_tokenizer_and_bad_flags(tiny_prepared_data, tmp_path, capsys):
     teacher = tiny_teacher(vocab_size=data.load_meta(tiny_prepared_data)["vocab_size"])
-    save_checkpoint({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 0, "tokens_seen": 0,
+    checkpoint.save({"model": teacher.state_dict(), "config": teacher.config.to_dict(), "iter": 0, "tokens_seen": 0,
                      "words_seen": 0, "tokenizer": {"name": "gpt2"}}, str(tmp_path / "teacher.pt"))
     with pytest.raises(ValueError, match="another tokenizer"):
         convert.main([f"--init_from={tmp_path / 'teacher.pt'}", f"--data={tiny_prepared_data}", "--device=cpu"])
@@ -1724,8 +1752,8 @@ def test_convert_runs_as_a_script_and_a_bad_flag_is_a_one_line_error(monkeypatch
 
 def test_finetune_learning_rate_warms_up_linearly_then_follows_cosine_to_a_tenth(monkeypatch):
     torch.manual_seed(0)
-    teacher = BLaLM(BLaLMConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, mixer="attn", bias=True,
-                                chunk_size=4))
+    teacher = build(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, mixer="attn", bias=True,
+                    chunk_size=4)
     student = make_student(teacher)
     rates = []
 
@@ -2040,8 +2068,8 @@ def test_muon_reaches_a_lower_training_loss_than_adamw_on_the_builtin_data(tiny_
     losses = {}
     for name in ("muon", "adamw"):
         torch.manual_seed(0)
-        model = BLaLM(BLaLMConfig(vocab_size=data.load_meta(tiny_data)["vocab_size"], block_size=32, n_layer=2,
-                                  n_head=2, n_embd=32, swa_window=8, chunk_size=16))
+        model = build(vocab_size=data.load_meta(tiny_data)["vocab_size"], block_size=32, n_layer=2,
+                      n_head=2, n_embd=32, swa_window=8, chunk_size=16)
         opt = configure_optimizers(model, name, lr=0.02, adam_lr=3e-3, verbose=False)
         batches = data.EpochBatches(data.open_bin(tiny_data, "train"), 8, 32, seed=0)
         trace = []
@@ -2829,7 +2857,7 @@ def test_words_per_token_is_the_meta_ratio_and_refuses_an_empty_split(tmp_path):
 
 
 def test_stray_temps_of_dead_processes_are_removed_and_those_of_live_ones_kept(tmp_path):
-    dead, host = dead_pid(), data._HOST
+    dead, host = dead_pid(), common._HOST
     other_host = "0" * 8 if host != "0" * 8 else "1" * 8
     stray_dir = tmp_path / f".old.tmp-{host}-{dead}-x1"
     (stray_dir / "pairs").mkdir(parents=True)
@@ -2848,11 +2876,11 @@ def test_stray_temps_of_dead_processes_are_removed_and_those_of_live_ones_kept(t
 
 
 def test_write_atomic_removes_its_own_dead_temps_only(tmp_path):
-    dead, host = dead_pid(), data._HOST
+    dead, host = dead_pid(), common._HOST
     mine, other = tmp_path / f".ckpt.pt.tmp-{host}-{dead}-ab", tmp_path / f".log.jsonl.tmp-{host}-{dead}-cd"
     mine.write_bytes(b"half a checkpoint")
     other.write_bytes(b"half a log")
-    data.write_atomic(tmp_path / "ckpt.pt", b"whole")
+    common.write_atomic(tmp_path / "ckpt.pt", b"whole")
     assert (tmp_path / "ckpt.pt").read_bytes() == b"whole" and not mine.exists() and other.exists()
 
 
@@ -2949,9 +2977,7 @@ def test_prepare_py_writes_into_data_prepared_by_default(tmp_path, monkeypatch):
     assert corpus.default_out_dir("synthetic") == Path("data_prepared/synthetic")
 
 
-def test_synthetic_module_stands_alone_and_data_reexports_what_eval_imports():
-    assert data.synthetic_minimal_pairs is synthetic.synthetic_minimal_pairs
-    assert data.synthetic_corpus is synthetic.synthetic_corpus
+def test_synthetic_module_stands_alone():
     done = subprocess.run([sys.executable, "-c", "import sys, synthetic; print(sorted(m for m in sys.modules "
                            "if m in ('data', 'common', 'torch', 'numpy')))"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
@@ -2975,7 +3001,7 @@ def tiny_data(tmp_path_factory):
 def run_train(args, tmp_path, name):
     out = tmp_path / name
     train.main(TINY_RUN + [f"--out_dir={out}"] + args)
-    return out, common.read_checkpoint(str(out / "ckpt.pt"))
+    return out, checkpoint.load(str(out / "ckpt.pt"))
 
 
 def log_rows(out):
@@ -3047,7 +3073,7 @@ def test_a_diverged_model_is_never_checkpointed(tiny_data, tmp_path, capsys):
     said = capsys.readouterr().out
     assert "not finite" in said
     for path in out.glob("ckpt*.pt"):
-        ckpt = common.read_checkpoint(str(path))
+        ckpt = checkpoint.load(str(path))
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), path
         assert "the last good checkpoint is" in said
     if not list(out.glob("ckpt*.pt")):
@@ -3060,7 +3086,7 @@ def test_nonfinite_training_loss_stops_naming_the_step(tiny_data, tmp_path, caps
         train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=100",
                                "--optimizer=adamw", "--adam_lr=1e30", "--warmup_iters=1", "--grad_clip=0"])
     assert "training loss at iter" in capsys.readouterr().out
-    ckpt = common.read_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load(str(out / "ckpt.pt"))
     assert ckpt["iter"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
@@ -3070,10 +3096,13 @@ def test_a_torn_log_line_and_stray_temp_files_of_a_killed_run_are_cleaned_on_res
     with open(out / "log.jsonl", "a") as f:
         f.write('{"kind": "train", "iter": 4, "wor')                   # the write a kill cut short
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stray = out / f".ckpt.pt.tmp-{data._HOST}-{int(dead.stdout)}-abc"  # left by a process that no longer runs
+    stray = out / f".ckpt.pt.tmp-{common._HOST}-{int(dead.stdout)}-abc"  # left by a process that no longer runs
     stray.write_bytes(b"half a checkpoint")
     run_train(args + ["--resume=True"], tmp_path, "run")
-    assert "torn" in capsys.readouterr().out and not stray.exists()
+    said = capsys.readouterr().out
+    assert "torn" in said and not stray.exists()
+    assert "done: 3 iters in this process (6 in all)" in said                  # not the 3 before the resume
+    assert f"{torch.get_num_threads()} CPU threads (--threads)" in said
     rows = log_rows(out)
     assert [r["iter"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
     train.main([f"--plot={out}", f"--plot_out={tmp_path / 'fig.png'}"])
@@ -3105,17 +3134,17 @@ def test_kill_loop_leaves_loadable_consistent_checkpoints_and_ends_where_an_unin
             time.sleep(rng.uniform(0.0, 0.4))      # anywhere: in a step, an evaluation, a checkpoint write
             p.kill()
         p.wait(timeout=300)
-        ckpt = common.read_checkpoint(str(out / "ckpt.pt"))                          # loadable after every kill
+        ckpt = checkpoint.load(str(out / "ckpt.pt"))                          # loadable after every kill
         if (out / "ckpt_best.pt").is_file():
-            best = common.read_checkpoint(str(out / "ckpt_best.pt"))
+            best = checkpoint.load(str(out / "ckpt_best.pt"))
             assert best["best_val_loss"] <= ckpt["best_val_loss"] + 1e-12 or best["iter"] > ckpt["iter"]
     assert p.returncode == 0
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
-    whole, killed = (common.read_checkpoint(str(d / "ckpt.pt")) for d in (tmp_path / "whole", out))
+    whole, killed = (checkpoint.load(str(d / "ckpt.pt")) for d in (tmp_path / "whole", out))
     assert killed["iter"] == 8
     for k, v in whole["model"].items():
         assert torch.equal(v, killed["model"][k]), k
-    best = common.read_checkpoint(str(out / "ckpt_best.pt"))
+    best = checkpoint.load(str(out / "ckpt_best.pt"))
     evals = [r["val_loss"] for r in log_rows(out) if r["kind"] == "eval"]
     assert best["best_val_loss"] == min(evals) == killed["best_val_loss"]
 
@@ -3138,24 +3167,25 @@ def test_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_that_resume_co
     said, _ = p.communicate(timeout=300)
     assert p.returncode == 128 + signal.SIGTERM, said
     assert "SIGTERM: stopping after this step" in said and "continue with --resume=True" in said
-    ckpt = common.read_checkpoint(str(out / "ckpt.pt"))
+    assert "SIGTERM: a final evaluation (2 batches) and ckpt.pt, then exit" in said
+    ckpt = checkpoint.load(str(out / "ckpt.pt"))
     trained = [r["iter"] for r in log_rows(out) if r["kind"] == "train"]
     assert ckpt["iter"] == trained[-1] >= 4 and ckpt["iter"] % 50000      # the step it stopped at, not an eval's
     assert [r["iter"] for r in log_rows(out) if r["kind"] == "eval"] == [0, ckpt["iter"]]
     train.main(args + ["--resume=True", f"--stop_iter={ckpt['iter'] + 2}"])
-    assert common.read_checkpoint(str(out / "ckpt.pt"))["iter"] == ckpt["iter"] + 2
+    assert checkpoint.load(str(out / "ckpt.pt"))["iter"] == ckpt["iter"] + 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL            # the handler is gone after main
 
 
 def test_checkpoint_is_written_atomically_and_a_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, str(path))
+    checkpoint.save({"model": {}, "config": {}, "tokenizer": {}}, str(path))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]     # no temporary file left behind
     path.write_bytes(path.read_bytes()[:40])                          # a save cut short
     with pytest.raises(ValueError, match="corrupt"):
-        common.read_checkpoint(str(path))
+        checkpoint.load(str(path))
     with pytest.raises(FileNotFoundError, match="folder without ckpt.pt"):
-        common.read_checkpoint(str(tmp_path / ".."))
+        checkpoint.load(str(tmp_path / ".."))
 
 
 def test_a_failed_checkpoint_write_names_the_file_and_the_likely_cause(tmp_path, monkeypatch, capsys):
@@ -3166,11 +3196,11 @@ def test_a_failed_checkpoint_write_names_the_file_and_the_likely_cause(tmp_path,
     monkeypatch.setattr(torch, "save", full_disk)
     path = tmp_path / "ckpt.pt"
     with pytest.raises(OSError, match=f"cannot write checkpoint {path}.*disk full"):
-        common.save_checkpoint({"model": {}}, str(path))
+        checkpoint.save({"model": {}, "config": {}, "tokenizer": {}}, str(path))
     assert list(tmp_path.iterdir()) == []                 # neither a checkpoint nor half a temporary file
     monkeypatch.setattr(sys, "argv", ["train.py"])
     with pytest.raises(SystemExit) as exit_:
-        common.run_cli(lambda argv: common.save_checkpoint({"model": {}}, str(path)))
+        common.run_cli(lambda argv: checkpoint.save({"model": {}, "config": {}, "tokenizer": {}}, str(path)))
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
@@ -3202,7 +3232,7 @@ def test_training_reads_the_train_split_and_validation_the_val_split(tiny_data, 
     assert min(train_losses) > 0.9 * math.log(len(A)), train_losses      # never below the entropy of train.bin
     assert train_losses[-1] < math.log(300) - 1.5, train_losses           # but it learned train.bin's ids
     assert val[-1] > val[0], val                                           # val.bin's ids became less likely
-    model = common.model_from_checkpoint(ckpt)
+    model = checkpoint.model_from_checkpoint(ckpt)
     with torch.no_grad():
         probs = torch.softmax(model(torch.from_numpy(train_ids[None, :32].astype(np.int64)))[0][0, -8:], -1)
     assert probs[:, A].sum(-1).min() > 0.5 and probs[:, B].sum(-1).max() < 0.05
@@ -3226,7 +3256,7 @@ def one_step(tiny_data, tmp_path, name, *args):
     out = tmp_path / name
     grads = train_capturing_grads(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={out}", "--max_iters=1",
                                               "--eval_interval=1", "--eval_pairs=none", "--device=cpu", *args])
-    return [g for step in grads for g in step], common.read_checkpoint(str(out / "ckpt.pt"))
+    return [g for step in grads for g in step], checkpoint.load(str(out / "ckpt.pt"))
 
 
 def test_gradient_accumulation_2_of_batch_b_gives_the_update_of_one_batch_2b_float64(tiny_data, tmp_path):
@@ -3297,7 +3327,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_old_checkpoint_and_neve
     assert calls == [1]                               # the failing writer ran once, and the run stopped there
     assert in_place == []                             # ckpt.pt itself was never opened for writing
     assert target.read_bytes() == before
-    assert common.read_checkpoint(str(target))["iter"] == 2
+    assert checkpoint.load(str(target))["iter"] == 2
     assert not [f for f in os.listdir(out) if ".tmp-" in f]          # nor half a temporary file left
 
 
@@ -3305,25 +3335,146 @@ def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_refused_in_one_
     enc = corpus.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     model = BLaLM(BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint({"model": model.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
+    checkpoint.save({"model": model.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
                             "config": BLaLMConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=64).to_dict()}, str(path))
     with pytest.raises(ValueError, match="weights do not fit its config"):
-        common.load_checkpoint(str(path))
+        checkpoint.load_model(str(path))
 
 
-def test_a_checkpoint_trained_with_the_triton_kernel_loads_on_the_cpu_with_the_same_logits(tmp_path, capsys):
-    cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, chunk_size=16)
+class CreatesAFileWhenUnpickled:
+    """A pickled object that runs code on load: unpickling calls open(path, "w"), which creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_holding_a_code_running_object_is_refused_by_every_loader_and_runs_nothing(tiny_data, tmp_path):
+    run, _ = run_train([f"--data={tiny_data}", "--max_iters=1", "--stop_iter=1"], tmp_path, "run")
+    planted = tmp_path / "planted.txt"
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "extra": CreatesAFileWhenUnpickled(planted)}, run / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"ckpt.pt holds objects other than tensors and plain data \(io.open\); "
+                                         "refusing to load it, since that could run code"):
+        checkpoint.load(str(run / "ckpt.pt"))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")   # damaged, not malicious: said otherwise
+    with pytest.raises(ValueError, match="garbage.pt is corrupt or not a checkpoint"):
+        checkpoint.load(str(tmp_path / "garbage.pt"))
+    for load in (lambda: evaluate.main([f"--ckpt={run}", "--pairs=builtin", "--device=cpu"]),
+                 lambda: sample.main([f"--ckpt={run / 'ckpt.pt'}", "--device=cpu", "--max_new_tokens=2"]),
+                 lambda: export.main([f"--ckpt={run / 'ckpt.pt'}", f"--out={tmp_path / 'hf'}"]),
+                 lambda: train.main(TINY_RUN + [f"--data={tiny_data}", f"--out_dir={run}", "--max_iters=2",
+                                                "--resume=True"])):
+        with pytest.raises(ValueError, match=r"ckpt.pt holds objects other than tensors"):
+            load()
+    assert not planted.exists()
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={run}", "--device=cpu"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refusing" in r.stderr and not planted.exists()
+
+
+def test_resume_refuses_another_data_folder_whose_tokenizer_differs(tiny_data, tmp_path):
+    other = tmp_path / "other"   # the same vocabulary size, another corpus: other merges
+    corpus.prepare("synthetic", other, budget_words=30_000, vocab_size=300, synthetic_words=40_000,
+                   pairs_per_phenomenon=20, seed=7, verbose=False)
+    assert data.load_meta(other)["vocab_size"] == data.load_meta(tiny_data)["vocab_size"]
+    out, before = run_train([f"--data={tiny_data}", "--max_iters=4", "--stop_iter=2"], tmp_path, "run")
+    with pytest.raises(ValueError, match=f"another tokenizer.*--data={other}"):
+        run_train([f"--data={other}", "--max_iters=4", "--resume=True"], tmp_path, "run")
+    assert checkpoint.load(str(out / "ckpt.pt"))["iter"] == before["iter"] == 2
+
+
+def test_resume_of_a_checkpoint_without_optimizer_state_says_so_in_one_line(tiny_data, tmp_path):
+    out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=2", "--stop_iter=1"], tmp_path, "run")
+    converted = {k: ckpt[k] for k in ("model", "config", "tokenizer", "iter", "tokens_seen", "words_seen",
+                                      "best_val_loss", "data_meta")}   # what convert.py writes
+    checkpoint.save(converted, str(out / "ckpt.pt"))
+    with pytest.raises(ValueError, match="has no optimizer state .*convert.py"):
+        run_train([f"--data={tiny_data}", "--max_iters=2", "--resume=True"], tmp_path, "run")
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with common.FolderLock(out):          # a live process (this one) writes the folder
+        with pytest.raises(ValueError, match=f"{out} is in use by another process .*pid {os.getpid()}"):
+            run_train([f"--data={tiny_data}", "--max_iters=1"], tmp_path, "run")
+        assert sorted(p.name for p in out.iterdir()) == ["LOCK"]
+    assert not (out / "LOCK").exists()
+    (out / "LOCK").write_text(f"{socket.gethostname()} {dead_pid()}\n")   # left by a killed run
+    _, ckpt = run_train([f"--data={tiny_data}", "--max_iters=1"], tmp_path, "run")
+    assert ckpt["iter"] == 1 and "was left by a process that died" in capsys.readouterr().out
+    assert not (out / "LOCK").exists()
+
+
+def test_two_train_processes_into_one_folder_one_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), *TINY_RUN, f"--data={tiny_data}", f"--out_dir={out}",
+            "--max_iters=100000", "--eval_interval=50000", "--milestones=False", "--eval_pairs=none"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(args + ["--overwrite=True"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "is in use by another process" in second.stderr, second.stderr
+        assert first.poll() is None                       # the first run goes on, its files untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_invalid_utf8_in_a_corpus_file_is_named_on_the_console_or_refused(tmp_path, capsys):
+    src = small_corpus(tmp_path / "src")
+    bad = src / "books" / "latin1.txt"
+    bad.write_bytes(("Le caf\u00e9 est pr\u00e8s de la for\u00eat. " * 40).encode("latin-1"))  # 120 bytes not UTF-8
+    with pytest.raises(ValueError, match=r"latin1.txt is not valid UTF-8 \(120 bytes"):
+        corpus.prepare(src, tmp_path / "strict", vocab_size=280, strict_utf8=True, verbose=False)
+    assert not (tmp_path / "strict").exists()
+    corpus.prepare(src, tmp_path / "out", vocab_size=280, verbose=False)
+    assert "warning: " + str(bad) + " is not valid UTF-8: 120 bytes read as U+FFFD" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="latin1.txt is not valid UTF-8"):
+        prepare.main([f"--source={src}", f"--out={tmp_path / 'cli'}", "--vocab_size=280", "--strict_utf8=True"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip"])
+def test_a_broken_gz_corpus_file_is_named_before_any_work(tmp_path, damage, monkeypatch):
+    src = small_corpus(tmp_path / "src")
+    text = "\n\n".join(synthetic.synthetic_corpus(3000, seed=2)).encode()
+    packed = gzip.compress(text)
+    (src / "books" / "b.txt.gz").write_bytes(packed[: len(packed) // 2] if damage == "truncated" else text)
+    with pytest.raises(ValueError, match=r"b.txt.gz: not a whole gzip file"):
+        corpus.prepare(src, tmp_path / "out", vocab_size=280, verbose=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"b.txt.gz: not a whole gzip file"):
+        train.main(TINY_RUN + [f"--data={src}", "--out_dir=run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]     # no run folder, no prepared folder
+
+
+def test_a_bad_eval_pairs_path_is_refused_before_preparing_data_leaving_no_folder(tmp_path, monkeypatch):
+    src = small_corpus(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--eval_pairs=no_such_dir does not exist"):
+        train.main(TINY_RUN + [f"--data={src}", "--out_dir=run", "--eval_pairs=no_such_dir"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+def test_an_old_checkpoint_with_run_settings_in_its_config_loads_anywhere_with_the_same_logits(tmp_path):
+    cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
-    reference = BLaLM(BLaLMConfig(**cfg)).eval()           # the default kernel, on the CPU
+    reference = BLaLM(BLaLMConfig(**cfg)).eval()           # the default kernels, on the CPU
     enc = corpus.train_bpe(["a small text to train a tiny tokenizer on"] * 4, vocab_size=270)
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint({"model": reference.state_dict(), "tokenizer": data.tokenizer_to_dict(enc),
-                            "config": BLaLMConfig(**cfg, mlstm_kernel="triton").to_dict()}, str(path))
-    model, _, _ = common.load_checkpoint(str(path), "cpu")
-    assert model.config.mlstm_kernel == "torch" and "mlstm_kernel='triton'" in capsys.readouterr().out
+    old = {**BLaLMConfig(**cfg).to_dict(), "mlstm_kernel": "triton", "mlstm_form": "parallel", "chunk_size": 16}
+    checkpoint.save({"model": reference.state_dict(), "tokenizer": data.tokenizer_to_dict(enc), "config": old}, str(path))
+    model, _, ckpt = checkpoint.load_model(str(path), "cpu")
+    assert set(ckpt["config"]) == set(BLaLMConfig().to_dict()) and model.config == BLaLMConfig(**cfg)
+    assert (model.kernels, model.form, model.chunk_size) == ("torch", "chunkwise", 64)
     idx = torch.randint(0, 64, (2, 27))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], reference(idx)[0])
+        assert torch.allclose(model.set_kernels(form="recurrent")(idx)[0], reference(idx)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -3343,7 +3494,9 @@ def test_a_checkpoint_trained_with_the_triton_kernel_loads_on_the_cpu_with_the_s
     (["--swa_window=4096", "--block_size=64"], "--swa_window=4096 is longer than --block_size=64"),
     (["--optimizer=adamw", "--learning_rate=0.01"], "with --optimizer=adamw set AdamW's with --adam_lr"),
     (["--device=foo"], "--device='foo' is not a device name"),
-    (["--mlstm_kernel=triton", "--device=cpu"], "--mlstm_kernel=triton needs a CUDA device"),
+    (["--kernels=triton", "--device=cpu"], "--kernels=triton needs a CUDA device"),
+    (["--mlstm_form=fast"], "--mlstm_form='fast' is not one of"), (["--chunk_size=0"], "--chunk_size=0 must be >= 1"),
+    (["--mixer=attn", "--mlstm_form=parallel"], "apply to --mixer=mlstm only"),
 ])
 def test_bad_flags_and_values_are_refused_before_any_work_naming_them(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -3377,6 +3530,14 @@ def test_presets_set_the_babylm_budgets_and_flags_override_them():
     c, m = train.parse_config([])     # the model's defaults have one source: BLaLMConfig
     assert m == BLaLMConfig(vocab_size=1)
 
+
+
+def test_presets_prepare_one_raw_corpus_into_folders_of_their_own():
+    cpu, _ = train.parse_config(["--preset=cpu", "--data=corpora/books"])
+    small, _ = train.parse_config(["--preset=strict_small", "--data=corpora/books"])
+    assert train.prepared_name(cpu) == str(Path("data_prepared") / "books-2M-v4096")
+    assert train.prepared_name(small) == str(Path("data_prepared") / "books-10M-v16384")
+    assert train.prepared_name(train.parse_config([])[0]) == str(Path("data_prepared") / "synthetic")
 
 def test_milestones_follow_the_babylm_schedule():
     crossed = train.milestone_words(0, 250_000_000)
@@ -3440,7 +3601,7 @@ def byte_tokenizer():
 def tiny_model(mixer="mlstm", dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=16, chunk_size=4, swa_window=4)
-    model = BLaLM(BLaLMConfig(**{**cfg, "mixer": mixer, **kw}))
+    model = build(**{**cfg, "mixer": mixer, **kw})
     for p in model.parameters():
         if p.dim() > 1:  # larger weights than GPT-2's init so that sentences score clearly apart
             p.data.normal_(0, 0.3)
@@ -3451,7 +3612,7 @@ def tiny_model(mixer="mlstm", dtype=torch.float64, seed=0, **kw):
 def ckpt_path(tmp_path):
     model = tiny_model(dtype=torch.float32)
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
+    checkpoint.save(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
                          words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
     return path
 
@@ -3606,9 +3767,17 @@ def test_sample_cli_prints_samples_separated_by_dashes(ckpt_path, tmp_path):
 
 def save_byte_checkpoint(model, path):
     """A checkpoint of an untrained model with the byte tokenizer, as sample.py reads one."""
-    common.save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
+    checkpoint.save(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
                                 words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
 
+
+
+def test_sample_on_a_cpu_prints_progress_lines_while_decoding(ckpt_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "PROGRESS_EVERY_S", 0.0)
+    sample.main([f"--ckpt={ckpt_path}", "--start=Once", "--num_samples=1", "--max_new_tokens=5", "--device=cpu"])
+    err = capsys.readouterr().err
+    steps = [int(n) for n in re.findall(r"decoding: step (\d+)/\d+", err)]
+    assert steps and steps == sorted(steps) and steps[-1] == int(re.search(r"step \d+/(\d+)", err)[1])
 
 def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, capsys):
     sample_main = sample.main
@@ -3659,8 +3828,8 @@ SUITE = SHARED / "babylm_eval"
 
 def suite_model(mixer="mlstm", vocab_size=257, block_size=32, seed=0):
     torch.manual_seed(seed)
-    model = BLaLM(BLaLMConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16,
-                              chunk_size=8, swa_window=4, mixer=mixer))
+    model = build(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16,
+                  chunk_size=8, swa_window=4, mixer=mixer)
     for p in model.parameters():
         if p.dim() > 1:  # larger weights than GPT-2's init so that candidates score clearly apart
             p.data.normal_(0, 0.3)
@@ -4055,7 +4224,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
     out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=1", "--eval_interval=1", f"--eval_pairs={suite_dir}",
                            "--eval_max_pairs=2"], tmp_path, "run")
     logged = [r["pairs_macro"] for r in log_rows(out) if r["kind"] == "eval"][-1]
-    trained = common.model_from_checkpoint(ckpt)
+    trained = checkpoint.model_from_checkpoint(ckpt)
     assert logged == pytest.approx(evaluate.score_babylm(trained, data.tokenizer_from_dict(ckpt["tokenizer"]),
                                                          evaluate.load_babylm(suite_dir), "cpu", 64, 2)["macro_average"])
 
@@ -4065,7 +4234,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
 
 def save_tiny(path, words, mixer="mlstm", seed=0):
     model = suite_model(mixer, block_size=256, seed=seed).float()
-    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=7, tokens_seen=0,
+    checkpoint.save(dict(model=model.state_dict(), config=model.config.to_dict(), iter=7, tokens_seen=0,
                          words_seen=words, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(path))
     return path
 
@@ -4158,12 +4327,12 @@ def tiny_checkpoint(enc, mixer, path, seed=0):
     init where a wrong load could not show), saved as train.py saves it."""
     torch.manual_seed(seed)
     config = BLaLMConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=2, n_head=2, n_embd=32, mixer=mixer,
-                         chunk_size=8, swa_window=8, short_conv=4)
+                         swa_window=8, short_conv=4)
     model = BLaLM(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "tokenizer": data.tokenizer_to_dict(enc),
+    checkpoint.save({"model": model.state_dict(), "config": config.to_dict(), "tokenizer": data.tokenizer_to_dict(enc),
                      "iter": 7, "tokens_seen": 1000, "words_seen": 800}, path)
     return model.eval()
 
@@ -4320,8 +4489,8 @@ def test_eval_stops_cleanly_on_a_signal_keeping_the_finished_tasks(tmp_path, sig
                        sentence_bad="x " * 60) for _ in range(6000)]
     write_jsonl(suite / "supplement_filtered" / "slow.jsonl", long_pairs)
     torch.manual_seed(0)
-    model = BLaLM(BLaLMConfig(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256, chunk_size=16, swa_window=8))
-    save_checkpoint(dict(model=model.state_dict(), config=model.config.to_dict(), iter=1, tokens_seen=0, words_seen=0,
+    model = BLaLM(BLaLMConfig(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256, swa_window=8)).set_kernels(chunk_size=16)
+    checkpoint.save(dict(model=model.state_dict(), config=model.config.to_dict(), iter=1, tokens_seen=0, words_seen=0,
                          tokenizer=tokenizer_to_dict(byte_tokenizer())), str(tmp_path / "ckpt.pt"))
     p = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), f"--ckpt={tmp_path / 'ckpt.pt'}", f"--babylm={suite}",
                           "--device=cpu", f"--json={tmp_path / 'r.json'}"], stdout=subprocess.PIPE,
@@ -4573,7 +4742,7 @@ def test_finetune_metrics_against_counts():
 
 
 def test_finetune_schedule_warms_up_then_decays_to_min_factor():
-    lr = [ft.lr_factor(s, 100, 6, 0.1) for s in range(101)]
+    lr = [ft.pipeline_lr_factor(s, 100, 6, 0.1) for s in range(101)]
     assert lr[0] == 0 and lr[3] == pytest.approx(0.5) and lr[6] == pytest.approx(1.0)
     assert lr[100] == pytest.approx(0.1) and lr[53] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
     assert all(a >= b for a, b in zip(lr[6:], lr[7:]))
@@ -4678,7 +4847,7 @@ def test_export_folder_files(exported, enc):
                                   "AutoModelForSequenceClassification": "modeling_blalm.BLaLMForSequenceClassification"}
     assert config["bos_token_id"] == config["eos_token_id"] == enc.eot_token
     assert BLaLMConfig.from_dict({k: config[k] for k in BLaLMConfig().to_dict()}) == \
-        BLaLMConfig(**{**model.config.to_dict(), "mlstm_kernel": "torch"})
+        model.config
     header, blob = read_safetensors(folder / "model.safetensors")
     header.pop("__metadata__")
     sd = model.state_dict()
@@ -4751,12 +4920,55 @@ def test_export_bad_arguments(argv, match, tmp_path, monkeypatch):
         export.main(argv)
 
 
-def test_export_refuses_dotted_or_missing_out(exported, tmp_path):
+
+def fresh_copy(dest):
+    """The repository's tracked files (git ls-files; the top-level files and hf_code/ where git is absent) in dest:
+    what a fresh clone holds, without the checkout's outputs (out/, hf/, data_prepared/, ...)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    names = listed.stdout.split() if listed.returncode == 0 and listed.stdout.strip() else \
+        [p.name for p in ROOT.glob("*.py")] + [f"hf_code/{p.name}" for p in (ROOT / "hf_code").glob("*.py")]
+    for name in names:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def test_the_readmes_export_line_runs_as_written_in_a_fresh_clone(tmp_path):
+    lines = [l.split("  #")[0].strip() for l in (ROOT / "README.md").read_text().splitlines()
+             if l.startswith("python export.py --ckpt=")]
+    assert len(lines) == 1, lines
+    argv = lines[0].split()[2:]
+    clone = fresh_copy(tmp_path / "clone")
+    assert not (clone / "hf").exists() and not (clone / "out").exists()
+    ckpt = clone / next(a.split("=", 1)[1] for a in argv if a.startswith("--ckpt="))
+    model = tiny_model(dtype=torch.float32)    # what the README's first command leaves where the line reads it
+    checkpoint.save(dict(model=model.state_dict(), config=model.config.to_dict(), iter=0, tokens_seen=0,
+                         words_seen=0, tokenizer=tokenizer_to_dict(byte_tokenizer())), str(ckpt))
+    r = subprocess.run([sys.executable, "export.py", *argv], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = clone / next(a.split("=", 1)[1] for a in argv if a.startswith("--out="))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_the_readme_is_short_and_its_test_command_is_what_ci_runs():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    assert len(readme.splitlines()) <= 250
+    test_line = next(l for l in readme.splitlines() if "pytest" in l and l.startswith("pip install"))
+    pins = re.findall(r"pip install -q (torch==[\d.]+)", ci)
+    assert pins and f"pip install {pins[0]} -r requirements-dev.txt" in test_line
+    assert "python -m pytest -q test_all.py" in ci.splitlines()[-1] and test_line.endswith("python -m pytest -q test_all.py")
+    assert "-r requirements-dev.txt" in ci
+
+def test_export_refuses_a_dotted_out_and_makes_missing_parent_folders(exported, tmp_path):
     ckpt = exported["mlstm"][1].parent / "ckpt.pt"
     with pytest.raises(ValueError, match="has a '.'"):
         export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'blalm.v2'}"])
-    with pytest.raises(ValueError, match="does not exist"):
-        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'no' / 'such'}"])
+    export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'no' / 'such'}"])    # missing folders above --out are made
+    assert (tmp_path / "no" / "such" / "config.json").is_file()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="a_file is a file, not a folder"):
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'a_file' / 'hf'}"])
 
 # -----------------------------------------------------------------------------
 # --overwrite replaces only an earlier export; a killed export's temporary folder (issue 26, cases 2 and 7)
@@ -4807,7 +5019,7 @@ def test_a_killed_export_leaves_a_folder_the_next_export_removes(enc, tmp_path):
     assert len(left) == 1 and left[0].name.startswith(".hf.tmp-") and (left[0] / "config.json").exists()
     legacy = tmp_path / "hf.tmp-0123abcd"  # the name an earlier export.py gave its temporary folder
     legacy.mkdir()
-    live = tmp_path / f"{data.temp_prefix('hf')}abcdef12"  # this process's: alive, kept
+    live = tmp_path / f"{common.temp_prefix('hf')}abcdef12"  # this process's: alive, kept
     live.mkdir()
     export.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"])
     assert sorted(q.name for q in tmp_path.iterdir()) == sorted(["ckpt.pt", "hf", live.name])
@@ -5015,9 +5227,15 @@ def test_hf_pipeline_scores_match_eval_on_blimp(exported, hf, enc, mixer):
 # bench.py
 
 
-def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu(tmp_path):
+def test_bench_runs_every_suite_at_tiny_sizes_on_the_cpu_and_prints_readable_tables(tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = bench.main(["--suite=all", "--repeat=1", f"--json={out}", "--device=cpu"])
+    said = capsys.readouterr()
+    assert "nan" not in said.out + said.err and "{'" not in said.out + said.err     # no raw dicts, no nan memory
+    table = [line for line in said.out.splitlines() if line.startswith("| T ")]
+    assert table and "peak_mib" in table[0] and re.search(r"^\|.* n/a .*\|$", said.out, re.M)
+    for section in said.out.split("\n## ")[1:]:          # each table's columns line up: its lines are as long
+        assert len({len(line) for line in section.splitlines() if line.startswith("|")}) == 1, section
     saved = json.loads(out.read_text())
     assert saved["device"].startswith("cpu") and set(results) >= {"kernels", "optim", "decode"}
     assert all(r["ms"] > 0 for r in saved["kernels"] if r.get("ms") is not None)
@@ -5099,8 +5317,16 @@ def test_notebook_executes_without_error_in_fast_mode(path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BLALM_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    real = (SHARED / "corpus").is_dir()
+    if real:   # the notebooks find real data through BLALM_DATA only
+        monkeypatch.setenv("BLALM_DATA", str(SHARED))
+    else:
+        monkeypatch.delenv("BLALM_DATA", raising=False)
     nb = nbformat.read(path, as_version=4)
     assert any(c.outputs for c in nb.cells if c.cell_type == "code"), "the committed notebook keeps its outputs"
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, on any error
+    said = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    if "BLALM_DATA" in path.read_text():          # a notebook that reads real data says when it falls back
+        assert ("falling back to the built-in SYNTHETIC corpus" in said) == (not real)

@@ -7,11 +7,15 @@ several GPUs with `torchrun --nproc_per_node=N train.py ...` (PyTorch DDP).
     python train.py --data=DIR                       # a prepared corpus (a raw one is prepared into data_prepared/)
     python train.py --preset=strict_small --data=DIR # the BabyLM STRICT-SMALL track: 10M words, <= 10 epochs
     python train.py --plot=RUN_DIR[,RUN_DIR...]      # loss and accuracy against words seen (--plot_out=FILE)
+    python train.py --kernels=triton                 # the fused Triton kernels (CUDA): a run setting, not saved
     python train.py --help
 
 A run lives in out_dir: ckpt.pt (the latest), ckpt_best.pt (the lowest validation loss), ckpt_<N>M_words.pt
 (the BabyLM milestones), log.jsonl, loss.png. A second run into a folder that holds a checkpoint is refused:
-continue it with --resume=True, or start over with another --out_dir or --overwrite=True. On --resume the
+continue it with --resume=True, or start over with another --out_dir or --overwrite=True; a folder another run is
+writing is locked (out_dir/LOCK; a lock left by a killed process is taken over). Every path is checked before
+any work. --resume refuses a checkpoint of another model or tokenizer, and one without optimizer state (of
+convert.py: start a new run instead); checkpoints load without running code (checkpoint.py). On --resume the
 command line's optimizer and schedule settings (rates, weight decay, betas, warmup, schedule, max_iters) apply
 from the resumed step on; the model's shape must match the checkpoint's. Ctrl-C or SIGTERM (a job scheduler's
 time limit, `timeout`) ends the step in flight, evaluates and writes ckpt.pt, so that --resume=True loses
@@ -25,16 +29,17 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import torch
 
+import checkpoint
 import corpus
 import data
 import eval as evaluate
-from blalm import BLaLM, BLaLMConfig
-from common import (device_peak_flops, format_words, given_flags, lr_factor, parse_args, pick_device,
-                    read_checkpoint, run_cli, save_checkpoint, setup_precision)
+from blalm import MLSTM_FORMS, MLSTM_KERNELS, BLaLM, BLaLMConfig
+from common import (FolderLock, check_writable, device_peak_flops, format_words, given_flags, lr_factor, parse_args,
+                    pick_device, remove_stray_temps, run_cli, setup_precision, write_atomic)
 from muon import configure_optimizers
 
 # -----------------------------------------------------------------------------
@@ -45,10 +50,11 @@ from muon import configure_optimizers
 class TrainConfig:
     # data
     data: str = ""                  # a prepared dir (has meta.json), a raw corpus to prepare, or "" = synthetic
-    prepared_dir: str = ""          # where a raw corpus is prepared ("" = data_prepared/<name>)
+    prepared_dir: str = ""          # where a raw corpus is prepared ("" = data_prepared/<name>-<budget>-v<vocab>)
     budget_words: int = 0           # word budget when preparing (0 = all the data; presets set the BabyLM track's)
     vocab_size: int = 0             # BPE vocabulary when preparing (0 = prepare.py's default: 16384, synthetic 1024)
     curriculum: bool = False        # order the training stream easy-to-hard by readability when preparing
+    strict_utf8: bool = False       # refuse a corpus file that is not valid UTF-8 (else: a warning, bad bytes -> U+FFFD)
     eval_pairs: str = "auto"        # minimal pairs: "auto" (built-in pairs for synthetic data), "none", "builtin", or a BLiMP/Zorro/BabyLM dir
     eval_max_pairs: int = 50        # pairs per paradigm scored at each evaluation
     # optimizer and schedule
@@ -84,6 +90,14 @@ class TrainConfig:
     device: str = "auto"            # "auto" | "cuda" | "cpu" | "mps" | "cuda:1" ...
     dtype: str = "auto"             # "auto" (bfloat16 on CUDA, else float32) | "bfloat16" | "float32"
     compile: bool = False
+    threads: int = 0                # CPU threads torch uses (0 = torch's default, one per core); fewer on a shared machine
+    # how the model runs, not what it computes (not saved in checkpoints: a checkpoint loads with any of them)
+    kernels: str = "torch"          # "torch" | "triton": fused Triton kernels for the chunkwise mLSTM and the short conv (CUDA)
+    mlstm_form: str = "chunkwise"   # "chunkwise" | "parallel" | "recurrent" (all compute the same function)
+    chunk_size: int = 64            # chunk length of the chunkwise forms
+    # a figure instead of a run
+    plot: str = ""                  # RUN_DIR[,RUN_DIR...]: only plot loss and accuracy against words seen, no training
+    plot_out: str = ""              # the figure of --plot ("" = RUN_DIR/loss.png, or compare.png for several runs)
 
 
 PRESETS = {
@@ -104,7 +118,6 @@ PRESETS = {
                    n_embd=448, swa_window=128, batch_size=64, max_iters=0, max_epochs=10,
                    eval_interval=2000, log_interval=100, warmup_iters=500, compile=True),
 }
-MODEL_KEYS = [f.name for f in fields(BLaLMConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
 
 
 def parse_config(argv):
@@ -117,16 +130,17 @@ def parse_config(argv):
 
 def check_config(c, m, given=()):
     """Every setting checked before any work: a one-line error naming the flag and what it expects."""
-    choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd"), "dtype": ("auto", "bfloat16", "float32")}
+    choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd"), "dtype": ("auto", "bfloat16", "float32"),
+               "kernels": MLSTM_KERNELS, "mlstm_form": MLSTM_FORMS}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise ValueError(f"--{key}={getattr(c, key)!r} is not one of {allowed}")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                "eval_max_pairs"):
+                "eval_max_pairs", "chunk_size"):
         if getattr(c, key) < 1:
             raise ValueError(f"--{key}={getattr(c, key)} must be >= 1")
     for key in ("max_iters", "warmup_iters", "stop_iter", "budget_words", "vocab_size", "grad_clip", "weight_decay",
-                "adam_weight_decay", "seed"):
+                "adam_weight_decay", "seed", "threads"):
         if getattr(c, key) < 0:
             raise ValueError(f"--{key}={getattr(c, key)} must be >= 0")
     if not c.max_epochs > 0:
@@ -145,12 +159,14 @@ def check_config(c, m, given=()):
         raise ValueError(f"--swa_window={m.swa_window} is longer than --block_size={m.block_size}: "
                          "a window beyond the context only costs memory")
     dev = pick_device(c.device)  # an unknown name, or cuda without CUDA, fails here
-    if m.mlstm_kernel == "triton":
+    if m.mixer != "mlstm" and (c.kernels, c.mlstm_form) != ("torch", "chunkwise"):
+        raise ValueError(f"--kernels={c.kernels} and --mlstm_form={c.mlstm_form} apply to --mixer=mlstm only")
+    if c.kernels == "triton":
         if not dev.startswith("cuda"):
-            raise ValueError(f"--mlstm_kernel=triton needs a CUDA device, not {dev!r} (use --mlstm_kernel=torch)")
+            raise ValueError(f"--kernels=triton needs a CUDA device, not {dev!r} (use --kernels=torch)")
         import importlib.util  # triton is optional: ask for it here, before any work
         if importlib.util.find_spec("triton") is None:
-            raise ValueError("--mlstm_kernel=triton needs the optional triton package (pip install triton)")
+            raise ValueError("--kernels=triton needs the optional triton package (pip install triton)")
 
 
 def milestone_words(words_before, words_after):
@@ -161,27 +177,7 @@ def milestone_words(words_before, words_after):
     return [m for m in marks if words_before < m <= words_after]
 
 # -----------------------------------------------------------------------------
-# The run folder: refuse to destroy a run, check it can be written, read its log back
-
-
-def check_out_dir(c):
-    """out_dir must be a writable folder (made if missing); one that holds a run needs --resume or --overwrite."""
-    out = c.out_dir
-    data.check_out_dir(out, "--out_dir")   # a file, under a file, or not writable
-    ckpt = os.path.join(out, "ckpt.pt")
-    if c.resume and not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"--resume=True but {ckpt} does not exist: nothing to continue "
-                                f"(start a new run without --resume)")
-    held = sorted(f for f in os.listdir(out) if f.startswith("ckpt") and f.endswith(".pt")) if os.path.isdir(out) else []
-    if not c.resume and not c.overwrite and held:
-        raise ValueError(f"--out_dir={out} already holds a run ({', '.join(held[:3])}): continue it with "
-                         f"--resume=True, or start over with another --out_dir or --overwrite=True")
-    os.makedirs(out, exist_ok=True)
-    if c.overwrite:  # the earlier run's files go, so that no milestone of it passes for one of this run
-        for name in os.listdir(out):
-            if (name.startswith("ckpt") and name.endswith(".pt")) or name in ("log.jsonl", "loss.png"):
-                os.remove(os.path.join(out, name))
-    data.remove_stray_temps(out)
+# The log and its figure
 
 
 def read_log(path, up_to_iter=None):
@@ -199,27 +195,6 @@ def read_log(path, up_to_iter=None):
     if up_to_iter is not None:
         rows = [r for r in rows if r["iter"] <= up_to_iter]
     return rows
-
-
-def resolve_data(c):
-    """-> a prepared data dir (meta.json, bins, tokenizer), preparing the corpus first when needed. A folder
-    prepared before is reused only when it was prepared from the same source with the same settings."""
-    if c.data and os.path.isfile(os.path.join(c.data, "meta.json")):
-        return c.data
-    if not c.data:
-        source, target = "synthetic", c.prepared_dir or os.path.join("data_prepared", "synthetic")
-    else:
-        if not os.path.exists(c.data):
-            raise FileNotFoundError(f"--data={c.data} does not exist (expected a prepared dir with meta.json "
-                                    "or a corpus folder to prepare)")
-        source = c.data
-        target = c.prepared_dir or corpus.default_out_dir(c.data)
-    settings = dict(budget_words=c.budget_words or None, vocab_size=c.vocab_size or None, curriculum=c.curriculum)
-    if corpus.check_prepared(target, source, **settings):
-        return target
-    print(f"preparing {source} into {target} (vocab {c.vocab_size or 'default'}, budget {c.budget_words or 'all'} words)")
-    corpus.prepare(source, target, **settings)
-    return target
 
 
 def plot_runs(run_dirs, out_path):
@@ -262,33 +237,318 @@ def plot_runs(run_dirs, out_path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    data.write_atomic(out_path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    write_atomic(out_path, lambda f: fig.savefig(f, dpi=120, format="png"))
     return out_path
+
+
+def plot_command(c, given):
+    """python train.py --plot=RUN_DIR[,RUN_DIR...] [--plot_out=FILE]: the figure only, no training."""
+    rest = sorted(given - {"plot", "plot_out"})
+    if rest:
+        raise ValueError(f"--plot takes only --plot_out=FILE besides it, not {['--' + k for k in rest]}")
+    runs = c.plot.split(",")
+    out = c.plot_out or os.path.join(runs[0], "loss.png" if len(runs) == 1 else "compare.png")
+    print("wrote", plot_runs(runs, out))
+
+# -----------------------------------------------------------------------------
+# Before any work: every path checked, the run folder locked
+
+
+def prepared_name(c):
+    """Where a raw corpus is prepared: data_prepared/<corpus>-<budget>-v<vocabulary> (data_prepared/synthetic for
+    the built-in corpus), so that presets with other budgets (--preset=cpu, --preset=strict_small) prepare one
+    corpus side by side instead of refusing each other's folder."""
+    if not c.data:
+        return os.path.join("data_prepared", "synthetic")
+    budget = f"{c.budget_words / 1e6:g}M" if c.budget_words else "all"
+    return f"{corpus.default_out_dir(c.data)}-{budget}-v{c.vocab_size or 'default'}"
+
+
+def plan_data(c):
+    """-> (prepared dir, or None when the corpus must be prepared first, and the arguments of that preparation).
+    Checks now what preparing would find late: the source exists, every file is readable, valid UTF-8 (or
+    warned about), and a folder prepared before matches the asked-for settings."""
+    if c.data and os.path.isfile(os.path.join(c.data, "meta.json")):
+        return c.data, None
+    if c.data and not os.path.exists(c.data):
+        raise FileNotFoundError(f"--data={c.data} does not exist (expected a prepared dir with meta.json "
+                                "or a corpus folder to prepare)")
+    source = c.data or "synthetic"
+    target = c.prepared_dir or prepared_name(c)
+    settings = dict(budget_words=c.budget_words or None, vocab_size=c.vocab_size or None, curriculum=c.curriculum)
+    if corpus.check_prepared(target, source, **settings):
+        return target, None
+    if c.data:
+        corpus.check_source(source, c.strict_utf8)
+    return target, dict(source=source, out_dir=target, strict_utf8=c.strict_utf8, checked=bool(c.data), **settings)
+
+
+def load_eval_pairs(c):
+    """The minimal pairs of --eval_pairs that name a folder, loaded now (a bad path fails before any work);
+    "auto" is decided by the data (see main)."""
+    if c.eval_pairs in ("auto", "none"):
+        return None
+    if c.eval_pairs == "builtin":
+        return evaluate.builtin_pairs()
+    if not os.path.exists(c.eval_pairs):
+        raise FileNotFoundError(f"--eval_pairs={c.eval_pairs} does not exist (expected auto, none, builtin, "
+                                "or a BLiMP, Zorro or BabyLM suite folder)")
+    return evaluate.load_pairs(c.eval_pairs)
+
+
+def check_out_dir(c):
+    """out_dir must be a writable folder; one that holds a run needs --resume or --overwrite. Makes nothing."""
+    check_writable(c.out_dir, "--out_dir", folder=True)
+    ckpt = os.path.join(c.out_dir, "ckpt.pt")
+    if c.resume and not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"--resume=True but {ckpt} does not exist: nothing to continue "
+                                f"(start a new run without --resume)")
+    held = sorted(f for f in os.listdir(c.out_dir) if f.startswith("ckpt") and f.endswith(".pt")) \
+        if os.path.isdir(c.out_dir) else []
+    if not c.resume and not c.overwrite and held:
+        raise ValueError(f"--out_dir={c.out_dir} already holds a run ({', '.join(held[:3])}): continue it with "
+                         f"--resume=True, or start over with another --out_dir or --overwrite=True")
+
+
+def open_run_folder(c):
+    """Make and lock out_dir (a second train.py into it gets a clear error); with --overwrite the earlier run's
+    files go, so that no milestone of it passes for one of this run. -> the lock, released when main ends."""
+    check_writable(c.out_dir, "--out_dir", folder=True, make_parents=True)
+    os.makedirs(c.out_dir, exist_ok=True)
+    lock = FolderLock(c.out_dir).acquire()
+    if c.overwrite:
+        for name in os.listdir(c.out_dir):
+            if (name.startswith("ckpt") and name.endswith(".pt")) or name in ("log.jsonl", "loss.png"):
+                os.remove(os.path.join(c.out_dir, name))
+    remove_stray_temps(c.out_dir)
+    return lock
+
+
+def check_resume(ckpt, path, model_config, tokenizer, data_dir):
+    """A resumed run continues the same model on the same tokens: the model's settings, the tokenizer and an
+    optimizer state must all be the checkpoint's."""
+    if "optimizer" not in ckpt or "batches" not in ckpt:
+        raise ValueError(f"--resume: {path} has no optimizer state (a checkpoint of convert.py, or of an older "
+                         f"train.py); start a new run from it instead, e.g. convert.py's student with its own out_dir")
+    if ckpt["config"] != model_config.to_dict():
+        diff = {k: (ckpt["config"].get(k), v) for k, v in model_config.to_dict().items() if ckpt["config"].get(k) != v}
+        raise ValueError(f"--resume: {path} has another model; differing settings (checkpoint, now): {diff}")
+    if ckpt["tokenizer"] != tokenizer:
+        was = (ckpt.get("data_meta") or {}).get("source", "another folder")
+        raise ValueError(f"--resume: {path} was trained with another tokenizer (data from {was}) than the one of "
+                         f"--data={data_dir}; resume with the run's own data folder")
+
+# -----------------------------------------------------------------------------
+# The run's state: model, optimizer, batches, counters; evaluation, checkpoints, the log
+
+
+class Run:
+    """What one training run holds, and the steps main takes with it."""
+
+    def __init__(self, c, model_config, meta, enc, pairs, autocast, rank, world, ckpt):
+        self.c, self.meta, self.enc, self.pairs, self.autocast, self.master = c, meta, enc, pairs, autocast, rank == 0
+        self.model_config = m = model_config
+        self.raw_model = BLaLM(self.model_config).set_kernels(c.kernels, c.mlstm_form, c.chunk_size).to(c.device)
+        self.optimizer = configure_optimizers(self.raw_model, c.optimizer, lr=c.learning_rate, adam_lr=c.adam_lr,
+                                              weight_decay=c.weight_decay, adam_weight_decay=c.adam_weight_decay,
+                                              betas=(c.beta1, c.beta2), verbose=False)
+        data_dir = meta["dir"]
+        self.val_data = data.open_bin(data_dir, "val")
+        curriculum = bool(meta.get("settings", {}).get("curriculum"))  # keep the easy-to-hard stream order
+        self.batches = data.EpochBatches(data.open_bin(data_dir, "train"), c.batch_size, m.block_size, seed=c.seed,
+                                         shuffle=not curriculum, rank=rank, world_size=world)
+        self.words_per_token = data.words_per_token(meta)
+        self.it, self.tokens_seen, self.best_val = 0, 0, float("inf")
+        self.ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
+        self.log_path = os.path.join(c.out_dir, "log.jsonl")
+        self.last_good = None
+        if ckpt is not None:
+            self.restore(ckpt)
+        self.model = self.raw_model
+        if c.compile:
+            self.raw_model.compile_blocks()
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=[torch.cuda.current_device()] if c.device.startswith("cuda") else None)
+        self.tokens_per_iter = c.batch_size * m.block_size * c.gradient_accumulation_steps * world
+        epoch_cap = int(c.max_epochs * self.batches.tokens_per_epoch // self.tokens_per_iter)
+        self.max_iters = min(c.max_iters, epoch_cap) if c.max_iters else epoch_cap
+        if self.master and c.max_iters > epoch_cap:
+            print(f"note: --max_iters={c.max_iters} would exceed --max_epochs={c.max_epochs}; stopping at {self.max_iters}")
+        self.flops_per_iter = self.raw_model.flops_per_token(m.block_size) * self.tokens_per_iter
+        self.peak, self.world = device_peak_flops(c.device), world
+        self.bad_iter = torch.full((), -1, device=c.device)  # first iter with a non-finite loss, read back rarely
+
+    def restore(self, ckpt):
+        """Weights, optimizer state (with the command line's rates, decay and betas), batches, counters, RNG."""
+        self.raw_model.load_state_dict(ckpt["model"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, now in zip(self.optimizer.param_groups, settings):
+            group.update(now)
+        self.batches.load_state_dict(ckpt["batches"])
+        self.it, self.tokens_seen, self.best_val = ckpt["iter"], ckpt["tokens_seen"], ckpt["best_val_loss"]
+        if "rng" in ckpt:  # dropout and sampling continue exactly where they were
+            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+            if ckpt["rng"].get("cuda") is not None and self.c.device.startswith("cuda"):
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), torch.device(self.c.device))
+        self.last_good = self.ckpt_path
+
+    @property
+    def words(self):
+        return self.tokens_seen * self.words_per_token
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def log(self, row):
+        if self.master:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def start_log(self, resumed):
+        """A resumed log continues from the checkpoint's iteration; a new run starts a new log."""
+        if self.master:
+            rows = read_log(self.log_path, up_to_iter=self.it) if resumed and os.path.exists(self.log_path) else []
+            write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Validation loss on fixed windows (and minimal pairs), on rank 0's unwrapped model."""
+        c = self.c
+        self.raw_model.eval()
+        g = torch.Generator().manual_seed(1234)  # the same validation windows every time
+        losses = []
+        for _ in range(c.eval_iters):
+            x, y = data.get_batch(self.val_data, c.batch_size, self.model_config.block_size, g, c.device)
+            with self.autocast:
+                losses.append(self.raw_model(x, y)[1].item())
+        result = {"val_loss": sum(losses) / len(losses)}
+        if self.pairs is not None:
+            with self.autocast:
+                scores = evaluate.score_pairs(self.raw_model, self.enc, self.pairs, c.device, batch_size=64,
+                                              max_pairs_per_paradigm=c.eval_max_pairs)
+            result["pairs_macro"] = scores["macro_average"]
+        self.raw_model.train()
+        return result
+
+    def evaluate_and_save(self):
+        self.check_finite()
+        result = self.evaluate()
+        if not math.isfinite(result["val_loss"]) or not self.weights_finite():
+            self.stop_diverged(f"val loss {result['val_loss']} at iter {self.it}")
+        improved = result["val_loss"] < self.best_val
+        self.best_val = min(self.best_val, result["val_loss"])
+        extra = f", pairs {result['pairs_macro']:.2f}" if "pairs_macro" in result else ""
+        print(f"eval iter {self.it}: val loss {result['val_loss']:.4f}{extra}, {format_words(self.words)} words")
+        self.log({"kind": "eval", "iter": self.it, "words": self.words, **result})
+        if improved and self.c.keep_best:  # written first: ckpt.pt's best_val_loss never names a missing file
+            self.save(os.path.join(self.c.out_dir, "ckpt_best.pt"))
+        self.save(self.ckpt_path)
+        self.last_good = self.ckpt_path
+
+    def save(self, path):
+        c = self.c
+        checkpoint.save({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "config": self.model_config.to_dict(), "train_config": asdict(c), "iter": self.it,
+                         "tokens_seen": self.tokens_seen, "words_seen": self.words, "best_val_loss": self.best_val,
+                         "batches": self.batches.state_dict(),
+                         "rng": {"cpu": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state(torch.device(c.device))
+                                 if c.device.startswith("cuda") else None},
+                         "tokenizer": data.tokenizer_to_dict(self.enc), "data_meta": self.meta}, path)
+
+    def save_milestones(self, words_before):
+        for mark in milestone_words(words_before, self.words):
+            self.check_finite()
+            if not self.weights_finite():
+                self.stop_diverged(f"weights at iter {self.it}")
+            self.save(os.path.join(self.c.out_dir, checkpoint.milestone_name(mark)))
+
+    def train_step(self):
+        """One optimizer step over gradient_accumulation_steps micro-batches -> the last micro-batch's loss."""
+        c = self.c
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(self.it, self.max_iters, warmup_iters=c.warmup_iters,
+                                                  schedule=c.schedule, decay_frac=c.decay_frac,
+                                                  min_lr_ratio=c.min_lr_ratio)
+        for micro in range(c.gradient_accumulation_steps):
+            x, y = self.batches.next_batch(c.device)
+            if self.world > 1:
+                self.model.require_backward_grad_sync = micro == c.gradient_accumulation_steps - 1
+            with self.autocast:
+                loss = self.model(x, y)[1] / c.gradient_accumulation_steps
+            loss.backward()
+            self.bad_iter = torch.where((self.bad_iter < 0) & ~torch.isfinite(loss.detach()), self.it + 1, self.bad_iter)
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.it += 1
+        self.tokens_seen += self.tokens_per_iter
+        return loss
+
+    def log_train(self, loss, since):
+        """The log line: loss, rate, tokens/s, MFU, words, epoch, ETA. since = (time, iter) of the last one."""
+        self.check_finite()
+        lossf = loss.item() * self.c.gradient_accumulation_steps
+        dt, n = time.time() - since[0], self.it - since[1]
+        tok_s = n * self.tokens_per_iter / dt
+        mfu = f"{100 * self.flops_per_iter * n / dt / self.peak / self.world:.1f}%" if self.peak else "-"
+        eta = (self.max_iters - self.it) * dt / max(1, n)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.print(f"iter {self.it}/{self.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, MFU {mfu}, "
+                   f"{format_words(self.words)} words, epoch {self.batches.epoch}, ETA {eta / 60:.1f} min")
+        self.log({"kind": "train", "iter": self.it, "words": self.words, "loss": lossf, "lr": lr, "tok_s": tok_s,
+                  "epoch": self.batches.epoch})
+
+    def weights_finite(self):  # one device sync, not one per parameter
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()]).all())
+
+    def check_finite(self):
+        if self.bad_iter.item() >= 0:
+            self.stop_diverged(f"training loss at iter {self.bad_iter.item()}")
+
+    def stop_diverged(self, when):
+        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+        print(f"stopping: the loss or the weights are not finite ({when}); {where}")
+        sys.exit(1)
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM asks the loop to stop at the next step, evaluate and write a checkpoint; a second
+    signal stops at once. Only in the main thread of a single process (DDP ranks would have to agree)."""
+
+    def __init__(self, enabled):
+        self.enabled, self.asked = enabled and threading.current_thread() is threading.main_thread(), None
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def ask(self, signum, frame):
+        self.asked = signal.Signals(signum).name
+        print(f"\n{self.asked}: stopping after this step with a checkpoint (again to stop at once)", flush=True)
+        self.__exit__()
+
+    def __exit__(self, *exc):  # also when a diverged run exits: the caller's handlers come back
+        if self.enabled:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
 
 # -----------------------------------------------------------------------------
 # The run
 
 
-def main(argv):
-    plot = [a for a in argv if a.startswith("--plot=")]
-    if plot:  # python train.py --plot=RUN_DIR[,RUN_DIR...] [--plot_out=FILE]: figure only, no training
-        rest = [a for a in argv if not a.startswith(("--plot=", "--plot_out="))]
-        if rest:
-            raise ValueError(f"--plot takes only --plot_out=FILE besides it, not {rest}")
-        runs = plot[0].split("=", 1)[1].split(",")
-        outs = [a.split("=", 1)[1] for a in argv if a.startswith("--plot_out=")]
-        out = outs[0] if outs else os.path.join(runs[0], "loss.png" if len(runs) == 1 else "compare.png")
-        print("wrote", plot_runs(runs, out))
-        return
-    c, m = parse_config(argv)
-
-    # --- processes, device, precision
+def setup(c):
+    """Processes (DDP under torchrun), device, CPU threads, precision, seed -> (rank, world, autocast)."""
+    c.device = pick_device(c.device)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    c.device = pick_device(c.device)
-    if master:
-        check_out_dir(c)
+    if c.threads:
+        torch.set_num_threads(c.threads)
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if c.device.startswith("cuda") else "gloo")
         if c.device.startswith("cuda"):
@@ -296,222 +556,109 @@ def main(argv):
             torch.cuda.set_device(c.device)
     c.dtype, autocast = setup_precision(c.device, c.dtype)
     torch.manual_seed(c.seed)
-    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
-    ckpt = read_checkpoint(ckpt_path, map_location=c.device) if c.resume else None
+    return rank, world, autocast
 
-    # --- data
-    if master:
-        data_dir = resolve_data(c)
-    if ddp:
-        box = [data_dir if master else None]
-        torch.distributed.broadcast_object_list(box)
-        data_dir = box[0]
-    meta = data.load_meta(data_dir)
-    enc = data.load_tokenizer(data_dir)
-    train_data, val_data = data.open_bin(data_dir, "train"), data.open_bin(data_dir, "val")
+
+def open_data(c, plan, master, world):
+    """The prepared folder (prepared now if needed, on rank 0) -> (meta with its "dir", tokenizer)."""
+    data_dir, prepare_args = plan
+    if master and prepare_args:
+        print(f"preparing {prepare_args['source']} into {data_dir} (vocab {c.vocab_size or 'default'}, "
+              f"budget {c.budget_words or 'all'} words)")
+        corpus.prepare(**prepare_args)
+    if world > 1:
+        torch.distributed.barrier()
+    meta = {**data.load_meta(data_dir), "dir": str(data_dir)}
     train_words = meta["splits"]["train"]["words"]
-    words_per_token = data.words_per_token(meta)
     if c.budget_words and train_words > c.budget_words:
         raise ValueError(f"{data_dir} holds {train_words:,} training words, over --budget_words={c.budget_words:,} "
                          "(the BabyLM track's budget); prepare it with prepare.py --budget_words")
-    pairs = None
-    if c.eval_pairs == "builtin" or (c.eval_pairs == "auto" and meta.get("source") == "synthetic"):
-        pairs = evaluate.builtin_pairs()
-    elif c.eval_pairs not in ("auto", "none"):
-        pairs = evaluate.load_pairs(c.eval_pairs)
+    return meta, data.load_tokenizer(data_dir)
 
-    # --- model, optimizer, state
-    model_config = BLaLMConfig(**{**asdict(m), "vocab_size": meta["vocab_size"]})
-    if ckpt is not None and ckpt["config"] != model_config.to_dict():
-        diff = {k: (ckpt["config"].get(k), v) for k, v in model_config.to_dict().items() if ckpt["config"].get(k) != v}
-        raise ValueError(f"--resume: {ckpt_path} has another model; differing settings (checkpoint, now): {diff}")
-    model = BLaLM(model_config).to(c.device)
-    optimizer = configure_optimizers(model, c.optimizer, lr=c.learning_rate, adam_lr=c.adam_lr,
-                                     weight_decay=c.weight_decay, adam_weight_decay=c.adam_weight_decay,
-                                     betas=(c.beta1, c.beta2), verbose=master)
-    curriculum = bool(meta.get("settings", {}).get("curriculum"))  # keep the easy-to-hard stream order
-    batches = data.EpochBatches(train_data, c.batch_size, m.block_size, seed=c.seed, shuffle=not curriculum,
-                                rank=rank, world_size=world)
-    it, tokens_seen, best_val = 0, 0, float("inf")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, now in zip(optimizer.param_groups, settings):  # the command line's rates, decay and betas
-            group.update(now)
-        batches.load_state_dict(ckpt["batches"])
-        it, tokens_seen, best_val = ckpt["iter"], ckpt["tokens_seen"], ckpt["best_val_loss"]
-        if "rng" in ckpt:  # dropout and sampling continue exactly where they were
-            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())   # read_checkpoint mapped it to c.device
-            if ckpt["rng"].get("cuda") is not None and c.device.startswith("cuda"):
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), torch.device(c.device))
-        if master:
-            print(f"resuming {ckpt_path} at iter {it}, {format_words(ckpt['words_seen'])} words seen")
-    if master:
-        print(f"model: {model.num_params():,} non-embedding parameters, mixer={m.mixer}, "
-              f"{m.n_layer} layers x {m.n_embd}, device {c.device} {c.dtype}")
-    raw_model = model
-    if c.compile:
-        model.compile_blocks()
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
-                                                          if c.device.startswith("cuda") else None)
 
-    tokens_per_iter = c.batch_size * m.block_size * c.gradient_accumulation_steps * world
-    epoch_cap_iters = int(c.max_epochs * batches.tokens_per_epoch // tokens_per_iter)
-    max_iters = min(c.max_iters, epoch_cap_iters) if c.max_iters else epoch_cap_iters
-    if master and c.max_iters > epoch_cap_iters:
-        print(f"note: --max_iters={c.max_iters} would exceed --max_epochs={c.max_epochs}; stopping at {max_iters}")
-    flops_per_iter = raw_model.flops_per_token(m.block_size) * tokens_per_iter
-    peak = device_peak_flops(c.device)
-    schedule = dict(warmup_iters=c.warmup_iters, schedule=c.schedule, decay_frac=c.decay_frac,
-                    min_lr_ratio=c.min_lr_ratio)
-    if master:
-        print(f"schedule: {c.schedule} over {max_iters} iters, warmup {c.warmup_iters}, peak rates "
+def print_start(run, c, m, resumed):
+    """The banner: what is resumed, the model, the optimizer's groups in brief, the schedule, the threads."""
+    if resumed:
+        run.print(f"resuming {run.ckpt_path} at iter {run.it}, {format_words(run.words)} words seen")
+    threads = f", {torch.get_num_threads()} CPU threads (--threads)" if c.device == "cpu" else ""
+    run.print(f"model: {run.raw_model.num_params():,} non-embedding parameters, mixer={m.mixer}, "
+              f"{m.n_layer} layers x {m.n_embd}, device {c.device} {c.dtype}{threads}, kernels {c.kernels}")
+    run.print("optimizer: " + "; ".join(line for line in run.optimizer.summary.splitlines() if not line.startswith(" ")))
+    run.print(f"schedule: {c.schedule} over {run.max_iters} iters, warmup {c.warmup_iters}, peak rates "
               + (f"Muon {c.learning_rate}, " if c.optimizer == "muon" else "") + f"AdamW {c.adam_lr}")
 
-    @torch.no_grad()
-    def evaluate_now():  # rank 0 only, on the unwrapped model (DDP's forward would wait for the other ranks)
-        model.eval()
-        g = torch.Generator().manual_seed(1234)  # the same validation windows every time
-        losses = []
-        for _ in range(c.eval_iters):
-            x, y = data.get_batch(val_data, c.batch_size, m.block_size, g, c.device)
-            with autocast:
-                losses.append(raw_model(x, y)[1].item())
-        result = {"val_loss": sum(losses) / len(losses)}
-        if pairs is not None:
-            with autocast:
-                scores = evaluate.score_pairs(raw_model, enc, pairs, c.device, batch_size=64,
-                                              max_pairs_per_paradigm=c.eval_max_pairs)
-            result["pairs_macro"] = scores["macro_average"]
-        model.train()
-        return result
 
-    def weights_finite():  # one device sync, not one per parameter
-        return bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all())
-
-    def checkpoint(path):
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "config": model_config.to_dict(), "train_config": asdict(c), "iter": it,
-                         "tokens_seen": tokens_seen, "words_seen": tokens_seen * words_per_token,
-                         "best_val_loss": best_val, "batches": batches.state_dict(),
-                         "rng": {"cpu": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state(torch.device(c.device))
-                                 if c.device.startswith("cuda") else None},
-                         "tokenizer": data.tokenizer_to_dict(enc), "data_meta": meta}, path)
-
-    log_path = os.path.join(c.out_dir, "log.jsonl")
-    if master:  # a resumed log continues from the checkpoint's iteration; a new run starts a new log
-        rows = read_log(log_path, up_to_iter=it) if c.resume and os.path.exists(log_path) else []
-        data.write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-    last_good = ckpt_path if c.resume else None
-
-    def log(row):
-        if master:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    def stop_diverged(when):
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-        print(f"stopping: the loss or the weights are not finite ({when}); {where}")
-        sys.exit(1)
-
-    # --- the training loop: SIGINT/SIGTERM ask it to stop at the next step with a checkpoint
-    interrupted = []
-    catch = not ddp and threading.current_thread() is threading.main_thread()  # DDP ranks would have to agree
-    if catch:
-        def ask_to_stop(signum, frame):
-            interrupted.append(signal.Signals(signum).name)
-            print(f"\n{interrupted[0]}: stopping after this step with a checkpoint (again to stop at once)", flush=True)
-            for s in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(s, previous[s])
-        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    model.train()
-    t0 = t_last = time.time()
-    it_last, resumed_at = it, (it if c.resume else None)
-    bad_iter = torch.full((), -1, device=c.device)  # first iter with a non-finite loss, checked without a sync per step
-
-    def check_finite():
-        if bad_iter.item() >= 0:
-            stop_diverged(f"training loss at iter {bad_iter.item()}")
-
-    try:
-        while True:
-            words = tokens_seen * words_per_token
-            stopping = it == max_iters or (c.stop_iter > 0 and it == c.stop_iter) or bool(interrupted)
-            if master and (it % c.eval_interval == 0 or stopping) and it != resumed_at:
-                check_finite()
-                result = evaluate_now()
-                if not math.isfinite(result["val_loss"]) or not weights_finite():
-                    stop_diverged(f"val loss {result['val_loss']} at iter {it}")
-                improved = result["val_loss"] < best_val
-                best_val = min(best_val, result["val_loss"])
-                extra = f", pairs {result['pairs_macro']:.2f}" if "pairs_macro" in result else ""
-                print(f"eval iter {it}: val loss {result['val_loss']:.4f}{extra}, {format_words(words)} words")
-                log({"kind": "eval", "iter": it, "words": words, **result})
-                if improved and c.keep_best:  # written first: ckpt.pt's best_val_loss never names a missing file
-                    checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"))
-                checkpoint(ckpt_path)
-                last_good = ckpt_path
-                t_last = time.time()  # evaluation time does not count against tokens/s
-            if stopping:
-                break
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(it, max_iters, **schedule)
-            for micro in range(c.gradient_accumulation_steps):
-                x, y = batches.next_batch(c.device)
-                sync = micro == c.gradient_accumulation_steps - 1
-                if ddp:
-                    model.require_backward_grad_sync = sync
-                with autocast:
-                    loss = model(x, y)[1] / c.gradient_accumulation_steps
-                loss.backward()
-                bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss.detach()), it + 1, bad_iter)
-            if c.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            tokens_seen += tokens_per_iter
-            if it % c.log_interval == 0 or it == max_iters:
-                check_finite()
-                lossf = loss.item() * c.gradient_accumulation_steps
-                dt = time.time() - t_last
-                tok_s = (it - it_last) * tokens_per_iter / dt
-                mfu = f"{100 * flops_per_iter * (it - it_last) / dt / peak / world:.1f}%" if peak else "-"
-                eta = (max_iters - it) * dt / max(1, it - it_last)
-                new_words = tokens_seen * words_per_token
-                if master:
-                    print(f"iter {it}/{max_iters}: loss {lossf:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
-                          f"{tok_s:,.0f} tok/s, MFU {mfu}, {format_words(new_words)} words, epoch {batches.epoch}, "
-                          f"ETA {eta / 60:.1f} min", flush=True)
-                log({"kind": "train", "iter": it, "words": new_words, "loss": lossf,
-                     "lr": optimizer.param_groups[0]["lr"], "tok_s": tok_s, "epoch": batches.epoch})
-                t_last, it_last = time.time(), it
-            if master and c.milestones:
-                for mark in milestone_words(words, tokens_seen * words_per_token):
-                    check_finite()
-                    if not weights_finite():
-                        stop_diverged(f"weights at iter {it}")
-                    checkpoint(os.path.join(c.out_dir, f"ckpt_{mark // 1_000_000}M_words.pt"))
-    finally:  # also when a diverged run exits: the caller's handlers come back
-        if catch:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(s, previous[s])
-    if master and it < max_iters:
-        print(f"stopped at iter {it} of {max_iters}; continue with --resume=True (checkpoint {ckpt_path})")
-        if interrupted:
-            sys.exit(128 + getattr(signal, interrupted[0]))  # what a shell reports for a process the signal ended
-    elif master:
-        print(f"done: {it} iters in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
-        print("wrote", plot_runs([c.out_dir], os.path.join(c.out_dir, "loss.png")))
-        if meta.get("source") == "synthetic":  # said last, where it does not scroll away
-            print("note: the synthetic corpus is a teaching corpus. For real text use a BabyLM release "
+def print_end(run, c, started_at, t0, stop):
+    if run.it < run.max_iters:
+        run.print(f"stopped at iter {run.it} of {run.max_iters}; continue with --resume=True (checkpoint {run.ckpt_path})")
+        if stop.asked:
+            sys.exit(128 + getattr(signal, stop.asked))  # what a shell reports for a process the signal ended
+        return
+    run.print(f"done: {run.it - started_at} iters in this process ({run.it} in all) in {(time.time() - t0) / 60:.1f} "
+              f"min; checkpoint {run.ckpt_path}")
+    run.print("wrote", plot_runs([c.out_dir], os.path.join(c.out_dir, "loss.png")))
+    if run.meta.get("source") == "synthetic":  # said last, where it does not scroll away
+        run.print("note: the synthetic corpus is a teaching corpus. For real text use a BabyLM release "
                   "(https://babylm.github.io) or any folder of .txt files: python train.py --preset=cpu --data=PATH "
                   "on a CPU, --preset=strict_small --data=PATH on a GPU")
-    if ddp:
-        torch.distributed.destroy_process_group()
+
+
+def main(argv):
+    c, m = parse_config(argv)
+    if c.plot:
+        return plot_command(c, given_flags(argv))
+    # --- setup: every path checked before any work, then the folder locked, the data prepared and opened
+    master = int(os.environ.get("RANK", "0")) == 0
+    plan = plan_data(c) if master else (None, None)
+    pairs = load_eval_pairs(c)
+    if master:
+        check_out_dir(c)
+    ckpt = checkpoint.load(os.path.join(c.out_dir, "ckpt.pt"), map_location="cpu") if c.resume else None
+    rank, world, autocast = setup(c)
+    if world > 1:
+        box = [plan]
+        torch.distributed.broadcast_object_list(box)
+        plan = box[0]
+    lock = open_run_folder(c) if master else None
+    try:
+        meta, enc = open_data(c, plan, master, world)
+        if pairs is None and c.eval_pairs == "auto" and meta.get("source") == "synthetic":
+            pairs = evaluate.builtin_pairs()
+        model_config = BLaLMConfig(**{**asdict(m), "vocab_size": meta["vocab_size"]})  # the vocabulary: the data's
+        if ckpt is not None:
+            check_resume(ckpt, os.path.join(c.out_dir, "ckpt.pt"), model_config, data.tokenizer_to_dict(enc), meta["dir"])
+        run = Run(c, model_config, meta, enc, pairs, autocast, rank, world, ckpt)
+        print_start(run, c, m, c.resume)
+        run.start_log(c.resume)
+        # --- the loop: evaluate and checkpoint every eval_interval, one step, a log line every log_interval
+        started_at, t0 = run.it, time.time()
+        since = (t0, run.it)
+        with StopOnSignal(enabled=world == 1) as stop:
+            run.raw_model.train()
+            while True:
+                stopping = run.it == run.max_iters or (c.stop_iter and run.it == c.stop_iter) or stop.asked is not None
+                if master and (run.it % c.eval_interval == 0 or stopping) and not (c.resume and run.it == started_at):
+                    if stop.asked:
+                        print(f"{stop.asked}: a final evaluation ({c.eval_iters} batches"
+                              f"{', minimal pairs' if pairs else ''}) and ckpt.pt, then exit", flush=True)
+                    run.evaluate_and_save()
+                    since = (time.time(), since[1])  # evaluation time does not count against tokens/s
+                if stopping:
+                    break
+                words_before = run.words
+                loss = run.train_step()
+                if run.it % c.log_interval == 0 or run.it == run.max_iters:
+                    run.log_train(loss, since)
+                    since = (time.time(), run.it)
+                if master and c.milestones:
+                    run.save_milestones(words_before)
+        # --- the end: say where the run stands
+        print_end(run, c, started_at, t0, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

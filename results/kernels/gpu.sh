@@ -70,12 +70,12 @@ fi
 part tests 100 20 $PY -m pytest -q -rs -p no:cacheprovider -k "triton and not interpreter" test_all.py
 
 # 2. numerics (about 20 s)
-part numerics 60 15 $PY results/kernels/numerics.py
+part numerics 60 15 $PY -m results.kernels.numerics
 
 # 3. where the fused kernel's time goes, and its launch shapes (half a minute each), when SWEEP=1
 if [ "${SWEEP:-0}" = 1 ]; then
-  part sweep2k 100 30 $PY results/kernels/sweep.py --T=2048
-  part sweep32k 60 20 $PY results/kernels/sweep.py --T=32768 --repeat=5
+  part sweep2k 100 30 $PY -m results.kernels.sweep --T=2048
+  part sweep32k 60 20 $PY -m results.kernels.sweep --T=32768 --repeat=5
 fi
 
 # 4. SDPA, ours compiled, NX-AI's TFLA, the short convolution (about two minutes: every length compiled afresh)
@@ -87,7 +87,7 @@ part train 200 70 $PY bench.py --suite=train --train_lengths="${TRAIN_LENGTHS:-5
   --only="${TRAIN_ONLY:-blalm,blalm triton,softmax}" --json="$OUT/train.json"
 
 # 6. the training step's GPU time by kernel, BLaLM with the Triton kernels and softmax (about 40 s)
-part profile 90 30 $PY results/kernels/profile_step.py --T=512
+part profile 90 30 $PY -m results.kernels.profile_step --T=512
 
 # 7. fla's chunk_simple_gla beside SDPA, with the rest of the budget, when asked for
 if [ "${FLA:-0}" = 1 ]; then

@@ -7,7 +7,7 @@ form to 1e-10, test_all.py), so the errors are the kernels' own, not the inputs'
 kernels bench's (bench.mlstm_bench_inputs: gates around 0) and gates uniform in [-8, 8] (the README's Notes).
 Each kernel also runs with the state products at "tf32x3" (float32 accuracy) to show what TF32 costs.
 
-    python results/kernels/numerics.py [--T=2048] [--B=4] [--json=FILE]     (a GPU with triton)
+    python -m results.kernels.numerics [--T=2048] [--B=4] [--json=FILE]     (a GPU with triton)
 """
 
 import argparse
@@ -17,10 +17,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from bench import mlstm_bench_inputs  # noqa: E402
-from blalm import mlstm_chunkwise  # noqa: E402
-import mlstm_triton  # noqa: E402
+from bench import mlstm_bench_inputs
+from blalm import mlstm_chunkwise
+import mlstm_triton
 
 NAMES = ("h", "dq", "dk", "dv", "di", "df")
 

@@ -3,23 +3,21 @@ Where the training step's GPU time goes: one compiled forward + backward + Muon 
 (bench.py's model_pair: BLaLM, BLaLM with the Triton kernels, the softmax baseline), bfloat16 autocast, the
 profiler's GPU time per kernel, the largest first, summed over the step.
 
-    python results/kernels/profile_step.py [--T=512] [--top=25] [--only=blalm triton,softmax]     (a GPU)
+    python -m results.kernels.profile_step [--T=512] [--top=25] [--only=blalm triton,softmax]     (a GPU)
 
 It is what the issue's training-step target is measured against in bench.py --suite=train: this shows which
 kernels stand between BLaLM and the softmax baseline.
 """
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from bench import model_pair  # noqa: E402
-from blalm import BLaLM  # noqa: E402
-from muon import configure_optimizers  # noqa: E402
+from bench import model_pair
+from blalm import BLaLM
+from muon import configure_optimizers
 
 
 def main(argv=None):
@@ -38,8 +36,8 @@ def main(argv=None):
     for name in a.only.split(","):
         torch.compiler.reset()
         torch.manual_seed(0)
-        cfg = models[name]
-        model = BLaLM(cfg).to("cuda").compile_blocks()
+        cfg, kernels = models[name]
+        model = BLaLM(cfg).set_kernels(kernels).to("cuda").compile_blocks()
         opt = configure_optimizers(model, "muon", verbose=False)
         x = torch.randint(0, cfg.vocab_size, (max(1, 32768 // a.T), a.T), device="cuda")
 

@@ -3,7 +3,7 @@ Where the fused Triton chunkwise mLSTM (mlstm_triton.py) spends its time, and ho
 a profile of one forward + backward (GPU time per kernel) and a sweep over warps, state-kernel tiling and chunk
 size, each row timed like bench.py (median of --repeat runs, CUDA events), bfloat16, 12 heads x 64.
 
-    python results/kernels/sweep.py [--T=2048] [--tokens=65536] [--repeat=20] [--json=FILE]     (a GPU with triton)
+    python -m results.kernels.sweep [--T=2048] [--tokens=65536] [--repeat=20] [--json=FILE]     (a GPU with triton)
 
 The sweep is for choosing mlstm_triton's defaults (NUM_WARPS, MIN_STATE_PROGRAMS); bench.py --suite=kernels
 is where the kernels are compared with their peers.
@@ -18,9 +18,8 @@ from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from bench import mlstm_bench_inputs, timed  # noqa: E402
-import mlstm_triton  # noqa: E402
+from bench import mlstm_bench_inputs, timed
+import mlstm_triton
 
 
 def profile(step):

@@ -1,7 +1,7 @@
 """
 Compare eval.py's reading numbers with the official pipeline's on the same model, per word and per measure.
 
-    python results/pipeline/compare_reading.py PIPELINE_READING_DIR CKPT reading_data.csv
+    python -m results.pipeline.compare_reading PIPELINE_READING_DIR CKPT reading_data.csv
 
 PIPELINE_READING_DIR: where evaluation_pipeline.reading.run wrote prediction.jsonl, predictive_power*.jsonl and
 report.txt for the export of CKPT (results/<model>/main/zero_shot/causal/reading).
@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's modules
 import eval as ev
-from common import load_checkpoint
+from checkpoint import load_model
 
 
 def main(pipe, ckpt, csv_path):
     pipe = Path(pipe)
-    model, enc, _ = load_checkpoint(ckpt, "cpu")
+    model, enc, _ = load_model(ckpt, "cpu")
     data = ev.read_reading(csv_path)
     here, prev = ev.reading_surprisals(model, enc, data)
     rows = [json.loads(line) for line in (pipe / "prediction.jsonl").read_text().splitlines()]
@@ -43,4 +42,6 @@ def main(pipe, ckpt, csv_path):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__.strip())
     main(*sys.argv[1:])

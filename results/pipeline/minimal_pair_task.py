@@ -4,7 +4,7 @@ label 1 = grammatical), made from the built-in synthetic minimal pairs (syntheti
 not available here. Each pair gives two examples, its good sentence (1) and its bad one (0); the validation
 pairs come from another seed, and no validation sentence occurs in the training file.
 
-    python results/pipeline/minimal_pair_task.py OUT_DIR    # writes OUT_DIR/cola.train.jsonl, cola.valid.jsonl
+    python -m results.pipeline.minimal_pair_task OUT_DIR    # writes OUT_DIR/cola.train.jsonl, cola.valid.jsonl
 """
 
 import json
@@ -12,7 +12,6 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere: the repository's modules
 from synthetic import synthetic_minimal_pairs
 
 
@@ -33,4 +32,6 @@ def main(out):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__.strip())
     main(sys.argv[1])

@@ -3,7 +3,7 @@
 # (from the corpus copy in .corpus/), run study.sh under a time limit, and pack the logs and evaluation JSONs into
 # $OUT/study3.tgz. Every run's checkpoints stay on the (warm) machine, so the next call continues where this stopped.
 #
-#   BUDGET=500 JOBS=7 bash results/study3/gpu_call.sh NAME [NAME ...]
+#   BUDGET=500 JOBS=4 bash results/study3/gpu_call.sh NAME [NAME ...]   # JOBS=4 fits an 80 GB H100 (see README)
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1

@@ -4,7 +4,7 @@
 # checkpoint is scored on the BabyLM 2025 folder with eval.py --babylm.
 #
 #   bash results/study3/study.sh NAME [NAME ...]   # runs of queue.txt, by name
-#   JOBS=6 DATA=.bins/strict_small EVAL=.evaldata/babylm_eval bash results/study3/study.sh ...
+#   JOBS=4 DATA=.bins/strict_small EVAL=.evaldata/babylm_eval bash results/study3/study.sh ...
 #
 # Each run writes runs/study3/NAME/ (git-ignored), NAME.train.log and NAME.eval.json/.log. A run cut off (SIGTERM
 # at the call's time limit: train.py writes ckpt.pt first) continues from its checkpoint when started again; a
@@ -41,7 +41,7 @@ job() {
 }
 
 for name in "$@"; do
-  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-6}" ]; do wait -n; done
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-4}" ]; do wait -n; done
   job "$name" &
 done
 wait
