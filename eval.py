@@ -189,13 +189,13 @@ FORMATS = {".jsonl": "BLiMP .jsonl", ".txt": "Zorro .txt"}
 
 def load_pairs(path, kind=None):
     """A BLiMP .jsonl or Zorro .txt file, or a folder of them -> dict paradigm -> list of Pair; kind "blimp"
-    or "zorro" accepts that format only. A BabyLM 2025 suite folder (one that holds any of TASKS) gives its
-    Suite instead (load_babylm), which score_pairs scores as the suite: train.py --eval_pairs=DIR takes both."""
+    or "zorro" accepts that format only. (A BabyLM 2025 suite folder, is_suite, is load_babylm's.)"""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"minimal pairs {path} do not exist")
-    if kind is None and is_suite(path):
-        return load_babylm(path)
+    if is_suite(path):
+        raise ValueError(f"{path} is a BabyLM 2025 suite folder (it holds task folders): score it with "
+                         f"--babylm={path}, not as minimal pairs")
     suffixes = {None: (".jsonl", ".txt"), "blimp": (".jsonl",), "zorro": (".txt",)}[kind]
     flag = f"--{kind}={path}" if kind else str(path)
     wanted = " or ".join(FORMATS[s] for s in suffixes)
@@ -235,10 +235,6 @@ class Item:
     uid: str
     field: str | None = None    # BLiMP's field; entity tracking's file
     ratio: float | None = None  # WUG
-
-
-class Suite(dict):
-    """task name -> list of Item, as load_babylm returns it (score_pairs recognises it)."""
 
 
 def read_pair_items(path):
@@ -383,7 +379,7 @@ def task_folders(path):
 
 
 def load_babylm(path, tasks=None):
-    """The task folders of a BabyLM 2025 suite folder (all found, or the named ones) -> Suite."""
+    """The task folders of a BabyLM 2025 suite folder (all found, or the named ones) -> {task: list of Item}."""
     path = Path(path)
     unknown = [t for t in tasks or () if t not in FOLDERS]
     if unknown:
@@ -398,7 +394,7 @@ def load_babylm(path, tasks=None):
     missing = [t for t in tasks or () if t not in found]
     if missing:
         raise FileNotFoundError(f"{path} has no folder for task(s) {', '.join(missing)}; it holds {', '.join(found)}")
-    suite = Suite()
+    suite = {}
     for task in [t for t in found if not tasks or t in tasks]:
         if task == READING:
             if not (folder[task] / READING_FILE).is_file():
@@ -543,10 +539,7 @@ def score_pairs(model, enc, pairs_by_paradigm, device=None, batch_size=64, max_p
                 progress=None):
     """-> dict(paradigms={name: accuracy}, fields={field: accuracy over its pairs}, n_pairs={name: n},
     macro_average=mean accuracy over paradigms); accuracies in percent, a tie counts as wrong.
-    max_pairs_per_paradigm keeps the first pairs of each paradigm (for quick evaluation during training).
-    A Suite (load_pairs of a BabyLM suite folder) is scored by score_babylm, max_pairs_per_paradigm per UID."""
-    if isinstance(pairs_by_paradigm, Suite):
-        return score_babylm(model, enc, pairs_by_paradigm, device, batch_size, max_pairs_per_paradigm)
+    max_pairs_per_paradigm keeps the first pairs of each paradigm (for quick evaluation during training)."""
     if max_pairs_per_paradigm is not None and max_pairs_per_paradigm < 1:
         raise ValueError(f"max_pairs_per_paradigm={max_pairs_per_paradigm}; expected >= 1 or None")
     empty = [k for k, v in pairs_by_paradigm.items() if not v]

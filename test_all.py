@@ -4103,7 +4103,7 @@ def constant_model(mixer="mlstm", block_size=32):
 
 
 def test_ties_are_wrong_in_every_task(suite_dir):
-    suite = evaluate.Suite(
+    suite = dict(
         blimp_filtered=[evaluate.Item("", ("The cats sleep.", "The cat sleeps."), "u", "syntax")],
         ewok_filtered=[evaluate.Item("Ann is kind. ", ("She helps.", "She hurts."), "d")],
         entity_tracking=[evaluate.Item("Box 0 contains ", ("the cat.", "the dog.", "the hat."), "regular_0_ops", "regular")],
@@ -4125,7 +4125,7 @@ def test_the_prefix_is_not_scored_and_options0_is_the_answer():
     for item, s in zip(items, scores):
         want = torch.tensor([-len(c.encode()) * math.log(257) for c in item.candidates], dtype=torch.float64)
         torch.testing.assert_close(s, want, rtol=0, atol=1e-9)
-    res = evaluate.score_babylm(model, enc, evaluate.Suite(entity_tracking=items))
+    res = evaluate.score_babylm(model, enc, dict(entity_tracking=items))
     assert res["uids"]["entity_tracking"] == {"r_0_ops": 100.0, "r_1_ops": 0.0}
     assert res["files"] == {"r": 50.0} and res["tasks"]["entity_tracking"] == 50.0
 
@@ -4140,7 +4140,7 @@ def test_learned_positions_cut_long_context_from_the_left_and_count_too_long_ite
     assert cut == [1] and long == [2] and torch.isnan(scores[2]).all()
     for k, c in enumerate(fits.candidates):
         assert scores[1][k].item() == pytest.approx(reference_score(attn, enc, prefix, c, window=32), abs=1e-10)
-    res = evaluate.score_babylm(attn, enc, evaluate.Suite(ewok_filtered=[short, fits, too_long]))
+    res = evaluate.score_babylm(attn, enc, dict(ewok_filtered=[short, fits, too_long]))
     assert res["cut"] == {"ewok_filtered": 1} and res["too_long"] == {"ewok_filtered": 1}
     assert res["tasks"]["ewok_filtered"] == pytest.approx(100 * (evaluate.is_right(scores[0]) + evaluate.is_right(scores[1])) / 3)
     mlstm = suite_model("mlstm", block_size=32)  # recurrent: every item read whole
@@ -4190,6 +4190,15 @@ def test_spearman_averages_tied_ranks():
     assert evaluate.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+def test_a_suite_folder_is_not_read_as_minimal_pairs(tmp_path):
+    # a BabyLM suite is scored by score_babylm (per task, per UID); read as plain pairs it would be averaged
+    # per paradigm instead: load_pairs refuses it and names the flag that reads it
+    write_jsonl(tmp_path / "blimp_filtered" / "a.jsonl", [dict(sentence_good="A cat is here.", sentence_bad="A cat are here.")])
+    with pytest.raises(ValueError, match="suite folder .* --babylm="):
+        evaluate.load_pairs(tmp_path)
+    assert list(evaluate.load_babylm(tmp_path)) == ["blimp_filtered"]
+
+
 def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
     # the scores come from the folder's files: each pair file read here with json, its first two pairs per UID
     # scored by the protocol's reference; swapping good and bad in the files turns each accuracy a into 100 - a
@@ -4206,8 +4215,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
                                reference_score(model, enc, "", r["sentence_bad"]) for r in rs[:2]) / len(rs[:2])
                 for key, rs in by_uid.items()}
 
-    got = evaluate.score_pairs(model, enc, evaluate.load_pairs(suite_dir), "cpu", batch_size=64,
-                               max_pairs_per_paradigm=2)
+    got = evaluate.score_babylm(model, enc, evaluate.load_babylm(suite_dir), "cpu", 64, 2)
     want = raw_pair_accuracies(suite_dir)
     assert {(t, u): a for t in ("blimp_filtered", "supplement_filtered") for u, a in got["uids"][t].items()} == \
         pytest.approx(want)
@@ -4217,7 +4225,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
     for f in list(swapped.glob("blimp_filtered/*.jsonl")) + list(swapped.glob("supplement_filtered/*.jsonl")):
         records = [json.loads(line) for line in f.read_text().splitlines()]
         write_jsonl(f, [{**r, "sentence_good": r["sentence_bad"], "sentence_bad": r["sentence_good"]} for r in records])
-    flipped = evaluate.score_pairs(model, enc, evaluate.load_pairs(swapped), "cpu", max_pairs_per_paradigm=2)
+    flipped = evaluate.score_babylm(model, enc, evaluate.load_babylm(swapped), "cpu", 64, 2)
     for t in ("blimp_filtered", "supplement_filtered"):
         assert flipped["uids"][t] == pytest.approx({u: 100 - a for u, a in got["uids"][t].items()})
     # train.py --eval_pairs=DIR: the logged accuracy is the suite's macro-average for the weights it checkpointed

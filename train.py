@@ -293,6 +293,8 @@ def load_eval_pairs(c):
     if not os.path.exists(c.eval_pairs):
         raise FileNotFoundError(f"--eval_pairs={c.eval_pairs} does not exist (expected auto, none, builtin, "
                                 "or a BLiMP, Zorro or BabyLM suite folder)")
+    if evaluate.is_suite(c.eval_pairs):  # a BabyLM 2025 suite folder: scored as the suite (Run.evaluate)
+        return evaluate.load_babylm(c.eval_pairs)
     return evaluate.load_pairs(c.eval_pairs)
 
 
@@ -427,8 +429,8 @@ class Run:
         result = {"val_loss": sum(losses) / len(losses)}
         if self.pairs is not None:
             with self.autocast:
-                scores = evaluate.score_pairs(self.raw_model, self.enc, self.pairs, c.device, batch_size=64,
-                                              max_pairs_per_paradigm=c.eval_max_pairs)
+                score = evaluate.score_babylm if evaluate.is_suite(c.eval_pairs) else evaluate.score_pairs
+                scores = score(self.raw_model, self.enc, self.pairs, c.device, 64, c.eval_max_pairs)
             result["pairs_macro"] = scores["macro_average"]
         self.raw_model.train()
         return result
