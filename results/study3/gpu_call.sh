@@ -3,7 +3,7 @@
 # (from the corpus copy in .corpus/), run study.sh under a time limit, and pack the logs and evaluation JSONs into
 # $OUT/study3.tgz. Every run's checkpoints stay on the (warm) machine, so the next call continues where this stopped.
 #
-#   BUDGET=500 JOBS=4 bash results/study3/gpu_call.sh NAME [NAME ...]   # JOBS=4 fits an 80 GB H100 (see README)
+#   BUDGET=500 bash results/study3/gpu_call.sh NAME [NAME ...]   # JOBS: one run per 18 GB of the card unless given
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -16,6 +16,13 @@ if grep -q "strict_small_8k" <(for n in "$@"; do grep "^$n " results/study3/queu
   $PY prepare.py --source=.corpus --budget_words=10000000 --vocab_size=8192 --out=.bins/strict_small_8k \
     > "$OUT/prepare_8k.log" 2>&1 &   # study.sh's job waits for its meta.json
 fi
+# a compiled BLaLM run peaks at 11-17 GB (seen on the H100: nine at once ran out of memory, four fitted), so
+# without JOBS the card's memory decides: one run per 18 GB
+if [ -z "${JOBS:-}" ]; then
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  export JOBS=$(( mib / 18432 > 0 ? mib / 18432 : 1 ))
+fi
+echo "$(date +%T) JOBS=$JOBS" | tee -a "$OUT/gpu.txt"
 timeout "${BUDGET:-500}" bash results/study3/study.sh "$@" 2>&1 | tee "$OUT/study.log"
 # at the time limit `timeout` sends SIGTERM to the group: each train.py finishes its step and writes ckpt.pt
 for _ in $(seq 45); do pgrep -f "train.py|eval.py" > /dev/null 2>&1 || break; sleep 1; done
