@@ -11,6 +11,7 @@ learning-rate schedule, the one atomic file writer, the one "can this be written
 """
 
 import difflib
+import gzip
 import inspect
 import json
 import math
@@ -210,6 +211,37 @@ def lr_factor(it, max_iters, warmup_iters=0, schedule="cosine", decay_frac=0.2, 
         return 1.0 - (1.0 - min_lr_ratio) * min(1.0, (it - decay_start) / max(1.0, max_iters - decay_start))
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+# -----------------------------------------------------------------------------
+# Reading text files: UTF-8 (gzip by suffix), JSON Lines; errors name the file and line
+
+
+def read_text(path):
+    """A UTF-8 text file, gzip-compressed when it ends in .gz -> str. Invalid UTF-8 names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a valid gzip file ({e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+
+
+def jsonl_records(path):
+    """(line number, value) for each line of a JSON Lines file; a line that is not JSON names file and line."""
+    lines = read_text(path).split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends
+    if lines[-1] == "":
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
 
 # -----------------------------------------------------------------------------
 # Files: the one atomic writer, the one "can this be written?" check, the run folder's lock

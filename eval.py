@@ -45,11 +45,8 @@ percentages (0-100); the last line printed is `macro-average: X`.
 
 import copy
 import csv
-import gzip
 import io
-import json
 import math
-import re
 import signal
 import sys
 import time
@@ -64,7 +61,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from checkpoint import load_model, milestones
-from common import check_writable, parse_args, pick_device, run_cli, write_atomic, write_json
+from common import (check_writable, jsonl_records, parse_args, pick_device, read_text, run_cli, write_atomic,
+                    write_json)
 from synthetic import synthetic_minimal_pairs
 
 BUILTIN_PAIRS_PER_PHENOMENON = 200  # --pairs=builtin: fixed, so that scores of different runs compare
@@ -95,34 +93,6 @@ class EvalConfig:
 
 # -----------------------------------------------------------------------------
 # Reading files
-
-
-def read_text(path):
-    """A UTF-8 text file, gzip-compressed when it ends in .gz -> str. Invalid UTF-8 names file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist or is not a file")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a valid gzip file ({e})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
-
-
-def jsonl_records(path):
-    """(line number, value) for each line of a JSON Lines file; a line that is not JSON names file and line."""
-    lines = read_text(path).split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends
-    if lines[-1] == "":
-        lines.pop()
-    for n, line in enumerate(lines, 1):
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
 
 
 def field(record, where, key, kind, nonempty=False):

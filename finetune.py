@@ -24,10 +24,8 @@ validation accuracy / F1 (of label 1, two labels) / MCC, and last the line `best
 never over an existing file without --overwrite=True).
 """
 
-import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_model, resolve_path
-from common import check_writable, parse_args, pick_device, run_cli, write_json
+from common import check_writable, jsonl_records, parse_args, pick_device, run_cli, write_json
 
 # task -> (fields of part A, fields of part B or None, template of A, template of B): the pipeline's layouts
 TASKS = {
@@ -91,23 +89,11 @@ def read_task(path, task, num_labels):
     """A (Super)GLUE JSON Lines file -> list of (A, B or None, label). A line that is not a JSON object with the
     task's string fields and a label in [0, num_labels) names file, line and field."""
     a_keys, b_keys, a_template, b_template = TASKS[task]
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist or is not a file")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    lines = lines[:-1] if lines[-1] == "" else lines
     examples = []
-    for n, line in enumerate(lines, 1):
+    for n, r in jsonl_records(path):
         where = f"{path} line {n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected a JSON object; got {line:.60}")
+            raise ValueError(f"{where}: expected a JSON object; got {r!r:.60}")
         for key in a_keys + (b_keys or ()):
             if not isinstance(r.get(key), str):
                 raise ValueError(f"{where}: expected field {key!r} (task {task}) to be a string; got {r.get(key)!r:.60}")
