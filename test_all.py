@@ -65,6 +65,7 @@ from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy,
                       softmax_attention_weights, taylor_map)
 from muon import configure_optimizers, Muon, split_params, zeropower_via_newtonschulz5
 import prepare
+import reading
 import sample
 import synthetic
 from synthetic import synthetic_minimal_pairs
@@ -86,7 +87,7 @@ def rel_err(a, b):
 LAYERS = {"common": 0,                                                        # plumbing: the ground floor
           "hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,       # math: torch only
           "blalm": 2, "decode": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
-          "checkpoint": 3,                                                      # the checkpoint format
+          "checkpoint": 3, "reading": 3,             # shared by scripts: the checkpoint format, the reading task
           "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4,
           "finetune": 4}  # scripts
 
@@ -4556,7 +4557,7 @@ def reference_gain(y, columns, pred):
     return 100 * (r2(rows & np.isfinite(pred), design + [pred]) - base) / (1 - base)
 
 
-READING_HEADER = ["", "item", "word", "sentence", "context_length", "Subtlex_log10", "length", *evaluate.MEASURES,
+READING_HEADER = ["", "item", "word", "sentence", "context_length", "Subtlex_log10", "length", *reading.MEASURES,
                   "prev_word", "prev_item", "prev_length"]
 
 
@@ -4572,7 +4573,7 @@ def reading_rows(n_sentences=8, seed=0):
             first = k == 1
             rows.append(dict(item=" ".join(sentence[:k]), word=sentence[k], sentence=" ".join(sentence),
                              context_length=k, Subtlex_log10="" if rng.random() < 0.1 else rng.uniform(1, 5),
-                             length=len(sentence[k]), **{m: rng.gauss(200, 40) for m in evaluate.MEASURES},
+                             length=len(sentence[k]), **{m: rng.gauss(200, 40) for m in reading.MEASURES},
                              prev_word="" if first else sentence[k - 1],
                              prev_item="" if first else " ".join(sentence[:k - 1]),
                              prev_length=-1 if first else len(sentence[k - 1])))
@@ -4593,34 +4594,34 @@ def test_reading_word_queries_follow_the_pipeline():
     enc = bpe_tokenizer()
     assert enc.encode_ordinary("there") == [257, ord("r"), ord("e")] and enc.encode_ordinary(" the") == [258]
     # the word without its space ("the", not " the"); later tokens after the context with the text glued on
-    assert evaluate.word_queries(enc, "at", "there") == [("at", 257), ("atthe", ord("r")), ("atther", ord("e"))]
-    assert evaluate.word_queries(enc, "See", "the") == [("See", 257)]
+    assert reading.word_queries(enc, "at", "there") == [("at", 257), ("atthe", ord("r")), ("atther", ord("e"))]
+    assert reading.word_queries(enc, "See", "the") == [("See", 257)]
     # a token that is a piece of a character decodes to U+FFFD, whose first byte is what gets predicted
-    assert evaluate.word_queries(byte_tokenizer(), "x", "é")[1] == ("x\ufffd", 0xEF)
+    assert reading.word_queries(byte_tokenizer(), "x", "é")[1] == ("x\ufffd", 0xEF)
     with pytest.raises(ValueError, match="word '' has no tokens"):
-        evaluate.word_queries(enc, "x", "")
+        reading.word_queries(enc, "x", "")
 
 
 def test_reading_scores_match_a_hand_computation(tmp_path):
     enc, model = bpe_tokenizer(), suite_model(vocab_size=260, block_size=64)
     rows = write_reading(tmp_path / "reading" / "reading_data.csv", reading_rows())
-    data = evaluate.read_reading(tmp_path / "reading" / "reading_data.csv")
-    here, prev = evaluate.reading_surprisals(model, enc, data, batch_size=5)
+    data = reading.read_reading(tmp_path / "reading" / "reading_data.csv")
+    here, prev = reading.reading_surprisals(model, enc, data, batch_size=5)
     want = [reference_surprisal(model, enc, r["item"], r["word"]) for r in rows]
     want_prev = [reference_surprisal(model, enc, r["prev_item"], r["prev_word"]) if r["prev_item"] else math.nan
                  for r in rows]
     np.testing.assert_allclose(here, want, rtol=1e-9)
     np.testing.assert_allclose(prev, want_prev, rtol=1e-9)  # NaN where the word is a sentence's first
-    res = evaluate.score_reading(model, enc, data, batch_size=5)
+    res = reading.score_reading(model, enc, data, batch_size=5)
     col = lambda k: np.array([math.nan if r[k] == "" else float(r[k]) for r in rows])
     freq, length, ctx, plen = col("Subtlex_log10"), col("length"), col("context_length"), col("prev_length")
     here, prev = np.array(want), np.array(want_prev)
-    for m in evaluate.MEASURES:
+    for m in reading.MEASURES:
         assert res["measures"][m] == pytest.approx(reference_gain(col(m), [freq, length, ctx], here), abs=1e-8)
         assert res["measures_spillover"][m] == pytest.approx(
             reference_gain(col(m), [freq, length, ctx, plen, prev], here), abs=1e-8)
     assert res["n_rows"]["N400"] == np.isfinite(freq).sum() < len(rows)  # a missing frequency drops its row
-    assert res["eye_tracking"] == pytest.approx(sum(res["measures"][m] for m in evaluate.EYE_TRACKING) / 4)
+    assert res["eye_tracking"] == pytest.approx(sum(res["measures"][m] for m in reading.EYE_TRACKING) / 4)
     assert res["self_paced_reading"] == res["measures_spillover"]["self_paced_reading_time"]
 
 
@@ -4628,11 +4629,11 @@ def test_reading_gain_is_a_share_of_what_is_possible():
     rng = np.random.default_rng(0)
     x1, x2, x3, s = rng.normal(size=(4, 200))
     noise = rng.normal(size=200)
-    base = evaluate.with_interactions([x1, x2, x3])
+    base = reading.with_interactions([x1, x2, x3])
     # surprisal explains all of what the baseline leaves: 100 %; surprisal that is pure noise: about 0
-    assert evaluate.r2_gain(x1 + 2 * x2 * x3 + s, base, s)[0] == pytest.approx(100)
-    assert abs(evaluate.r2_gain(x1 + noise, base, s)[0]) < 2
-    assert evaluate.r2_gain(x1 + noise, base, s)[0] >= 0  # nested least squares: R² never falls
+    assert reading.r2_gain(x1 + 2 * x2 * x3 + s, base, s)[0] == pytest.approx(100)
+    assert abs(reading.r2_gain(x1 + noise, base, s)[0]) < 2
+    assert reading.r2_gain(x1 + noise, base, s)[0] >= 0  # nested least squares: R² never falls
 
 
 def test_reading_reader_errors_name_file_line_and_column(tmp_path):
@@ -4640,23 +4641,23 @@ def test_reading_reader_errors_name_file_line_and_column(tmp_path):
     write_reading(path, rows[:1] + [{**rows[1], "context_length": "two"}])
     with pytest.raises(ValueError, match=r"reading_data.csv line 3: expected a number in column 'context_length'; "
                                          r"got 'two'"):
-        evaluate.read_reading(path)
+        reading.read_reading(path)
     write_reading(path, rows, [c for c in READING_HEADER if c != "N400"])
     with pytest.raises(ValueError, match=r"expected columns N400 in the header line"):
-        evaluate.read_reading(path)
+        reading.read_reading(path)
     write_reading(path, [{**rows[0], "word": ""}])
     with pytest.raises(ValueError, match=r"line 2: expected a word in column 'word'"):
-        evaluate.read_reading(path)
+        reading.read_reading(path)
     write_reading(path, [])
     with pytest.raises(ValueError, match=r"reading_data.csv holds no rows"):
-        evaluate.read_reading(path)
+        reading.read_reading(path)
 
 
 def test_reading_reader_on_the_shared_file():
     path = SUITE / "reading" / "reading_data.csv"
     if not path.is_file():
         pytest.skip(f"{path} is not present (the shared BabyLM 2025 evaluation files)")
-    data = evaluate.read_reading(path)
+    data = reading.read_reading(path)
     assert len(data) == 1726 == len(path.read_text().splitlines()) - 1
     # 205 sentences' second words have no previous row; one previous context is the word "None", which the
     # pipeline's pandas reads as missing too; the one empty context is "None" again (its fillna)
@@ -4673,7 +4674,7 @@ def test_cli_scores_the_reading_folder(suite_dir, tmp_path, capsys):
     r = res["babylm"]["reading"]
     assert re.search(rf"^reading eye-tracking +{r['eye_tracking']:.2f}", out, re.M)
     assert re.search(rf"^reading self-paced +{r['self_paced_reading']:.2f}", out, re.M)
-    for m in evaluate.MEASURES:
+    for m in reading.MEASURES:
         assert re.search(rf"^  {m} +{r['measures'][m]:.2f} +{r['measures_spillover'][m]:.2f}", out, re.M), m
     # the macro-average stays the mean of the five accuracy tasks
     assert res["macro_average"] == pytest.approx(sum(res["babylm"]["tasks"].values()) / 5)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-import eval as ev
+import reading
 from checkpoint import load_model
 
 
 def main(pipe, ckpt, csv_path):
     pipe = Path(pipe)
     model, enc, _ = load_model(ckpt, "cpu")
-    data = ev.read_reading(csv_path)
-    here, prev = ev.reading_surprisals(model, enc, data)
+    data = reading.read_reading(csv_path)
+    here, prev = reading.reading_surprisals(model, enc, data)
     rows = [json.loads(line) for line in (pipe / "prediction.jsonl").read_text().splitlines()]
     p_here = np.array([r["Logprob"] for r in rows], dtype=float)
     p_prev = np.array([np.nan if r["Prev_Logprob"] is None else r["Prev_Logprob"] for r in rows], dtype=float)
@@ -29,7 +29,7 @@ def main(pipe, ckpt, csv_path):
           f"(mean surprisal {here.mean():.4f} vs {p_here.mean():.4f})")
     print(f"previous word: the same rows missing: {bool((np.isnan(prev) == np.isnan(p_prev)).all())}; "
           f"max difference {np.nanmax(np.abs(prev - p_prev)):.2e}")
-    res = ev.score_reading(model, enc, data)
+    res = reading.score_reading(model, enc, data)
     for name, key in (("predictive_power.jsonl", "measures"), ("predictive_power_spillover.jsonl", "measures_spillover")):
         print(f"{name}: measure, pipeline gain %, eval.py gain %, difference")
         for line in (pipe / name).read_text().splitlines():
