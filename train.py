@@ -349,6 +349,8 @@ class Run:
 
     def __init__(self, c, model_config, meta, enc, pairs, autocast, rank, world, ckpt):
         self.c, self.meta, self.enc, self.pairs, self.autocast, self.master = c, meta, enc, pairs, autocast, rank == 0
+        # a BabyLM suite folder is scored as the suite (per task and UID), other pairs per paradigm
+        self.score = evaluate.score_babylm if evaluate.is_suite(c.eval_pairs) else evaluate.score_pairs
         self.model_config = m = model_config
         self.raw_model = BLaLM(self.model_config).set_kernels(c.kernels, c.mlstm_form, c.chunk_size).to(c.device)
         self.optimizer = configure_optimizers(self.raw_model, c.optimizer, lr=c.learning_rate, adam_lr=c.adam_lr,
@@ -429,8 +431,7 @@ class Run:
         result = {"val_loss": sum(losses) / len(losses)}
         if self.pairs is not None:
             with self.autocast:
-                score = evaluate.score_babylm if evaluate.is_suite(c.eval_pairs) else evaluate.score_pairs
-                scores = score(self.raw_model, self.enc, self.pairs, c.device, 64, c.eval_max_pairs)
+                scores = self.score(self.raw_model, self.enc, self.pairs, c.device, 64, c.eval_max_pairs)
             result["pairs_macro"] = scores["macro_average"]
         self.raw_model.train()
         return result
