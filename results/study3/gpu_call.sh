@@ -4,6 +4,7 @@
 # $OUT/study3.tgz. Every run's checkpoints stay on the (warm) machine, so the next call continues where this stopped.
 #
 #   BUDGET=500 bash results/study3/gpu_call.sh NAME [NAME ...]   # JOBS: one run per 18 GB of the card unless given
+#   CURVE=base BUDGET=500 bash ...   # also score BLiMP + supplement at each milestone of a finished run (the plot)
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -23,9 +24,15 @@ if [ -z "${JOBS:-}" ]; then
   export JOBS=$(( mib / 18432 > 0 ? mib / 18432 : 1 ))
 fi
 echo "$(date +%T) JOBS=$JOBS" | tee -a "$OUT/gpu.txt"
+if [ -n "${CURVE:-}" ]; then   # takes one of the JOBS slots
+  export JOBS=$(( JOBS > 1 ? JOBS - 1 : 1 ))
+  timeout "${BUDGET:-500}" $PY eval.py --run="runs/study3/$CURVE" --babylm=.evaldata/babylm_eval \
+    --tasks=blimp_filtered,supplement_filtered --batch_size=128 > "runs/study3/$CURVE.curve.log" 2>&1 &
+fi
 timeout "${BUDGET:-500}" bash results/study3/study.sh "$@" 2>&1 | tee "$OUT/study.log"
 # at the time limit `timeout` sends SIGTERM to the group: each train.py finishes its step and writes ckpt.pt
 for _ in $(seq 45); do pgrep -f "train.py|eval.py" > /dev/null 2>&1 || break; sleep 1; done
 wait
-tar czf "$OUT/study3.tgz" runs/study3/*.log runs/study3/*.json runs/study3/*/log.jsonl 2>/dev/null
+tar czf "$OUT/study3.tgz" runs/study3/*.log runs/study3/*.json runs/study3/*/log.jsonl \
+  runs/study3/*/babylm_curve.* 2>/dev/null
 ls -la "$OUT"

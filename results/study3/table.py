@@ -25,13 +25,14 @@ def scores(name):
     log = [json.loads(line) for line in open(LOGS / name / "log.jsonl")]
     last_eval = [r for r in log if r["kind"] == "eval"][-1]
     suite = json.load(open(LOGS / f"{name}.eval.json"))["babylm"]
+    tasks = suite["tasks"]  # an evaluation cut off at the call's time limit holds the tasks it finished
     blimp = suite["uids"]["blimp_filtered"]
     reading = suite.get("reading")
     return {"words seen": last_eval["words"] / 1e6, "val loss": last_eval["val_loss"],
-            "BLiMP 22": suite["tasks"]["blimp_filtered"],
+            "BLiMP 22": tasks["blimp_filtered"],
             "BLiMP dev 12": statistics.mean(v for k, v in blimp.items() if k in DEV12),
-            "supplement": suite["tasks"]["supplement_filtered"], "entity tracking": suite["tasks"]["entity_tracking"],
-            "WUG acc": suite["tasks"]["wug_adj_nominalization"],
+            "supplement": tasks.get("supplement_filtered"), "entity tracking": tasks.get("entity_tracking"),
+            "WUG acc": tasks.get("wug_adj_nominalization"),
             "reading eye / SPR": (reading["eye_tracking"], reading["self_paced_reading"]) if reading else None}
 
 
