@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call of the study: unpack the evaluation files, prepare the 8k-vocabulary bins when a run needs them
-# (from the corpus copy in .corpus/), run study.sh under a time limit, and pack the logs and evaluation JSONs into
+# One device call of the study: unpack the evaluation files, prepare the bins of bins.txt that a run needs (from
+# the corpus copy in .corpus/), run study.sh under a time limit, and pack the logs and evaluation JSONs into
 # $OUT/study3.tgz. Every run's checkpoints stay on the (warm) machine, so the next call continues where this stopped.
 #
 #   BUDGET=500 bash results/study3/gpu_call.sh NAME [NAME ...]   # JOBS: one run per 18 GB of the card unless given
@@ -12,11 +12,14 @@ PY=${PY:-python3}
 { nvidia-smi --query-gpu=name,memory.total --format=csv; $PY -c "import torch; print('torch', torch.__version__)"; } \
   > "$OUT/gpu.txt" 2>&1
 [ -d .evaldata/babylm_eval ] || tar xzf .evaldata/babylm_eval.tgz -C .evaldata
-if grep -q "strict_small_8k" <(for n in "$@"; do grep "^$n " results/study3/queue.txt; done) \
-   && [ ! -f .bins/strict_small_8k/meta.json ]; then
-  $PY prepare.py --source=.corpus --budget_words=10000000 --vocab_size=8192 --out=.bins/strict_small_8k \
-    > "$OUT/prepare_8k.log" 2>&1 &   # study.sh's job waits for its meta.json
-fi
+# bins of bins.txt that a queued run names and the machine lacks: prepared in the background (study.sh's job waits
+# for their meta.json)
+for name in $(for n in "$@"; do grep "^$n " results/study3/queue.txt; done | grep -o -- "--data=.bins/[^ ]*" \
+              | cut -d/ -f2 | sort -u); do
+  flags=$(awk -v n="$name" '!/^#/ && $1 == n { $1 = ""; print }' results/study3/bins.txt)
+  [ -n "$flags" ] && [ ! -f ".bins/$name/meta.json" ] || continue
+  $PY prepare.py --source=.corpus --budget_words=10000000 $flags --out=".bins/$name" > "$OUT/prepare_$name.log" 2>&1 &
+done
 # a compiled BLaLM run peaks at 11-17 GB (seen on the H100: nine at once ran out of memory, four fitted), so
 # without JOBS the card's memory decides: one run per 18 GB
 if [ -z "${JOBS:-}" ]; then
