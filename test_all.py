@@ -54,8 +54,7 @@ from corpus import train_bpe
 import data
 from data import tokenizer_to_dict
 import eval as evaluate
-from eval import (BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, main as eval_main, Pair, perplexity,
-                  score_pairs, sentence_logprobs)
+from eval import main as eval_main, perplexity, score_pairs, sentence_logprobs
 import export
 import finetune as ft  # not `finetune`: convert.finetune is imported under that name
 from hedgehog import (acc_dtype, attention_distillation_loss, attention_entropy, attention_monotonicity, causal_mask,
@@ -69,6 +68,8 @@ import reading
 import sample
 import synthetic
 from synthetic import synthetic_minimal_pairs
+import tasks
+from tasks import BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, Pair
 import train
 
 torch.set_num_threads(2)
@@ -87,7 +88,8 @@ def rel_err(a, b):
 LAYERS = {"common": 0,                                                        # plumbing: the ground floor
           "hedgehog": 1, "muon": 1, "mlstm_triton": 1, "conv_triton": 1,       # math: torch only
           "blalm": 2, "decode": 2, "data": 2, "corpus": 2, "synthetic": 2,      # model and data
-          "checkpoint": 3, "reading": 3,             # shared by scripts: the checkpoint format, the reading task
+          "checkpoint": 3, "reading": 3, "tasks": 3,  # shared by scripts: the checkpoint format, the evaluation
+                                                      # data (tasks), the reading task
           "train": 4, "eval": 4, "sample": 4, "bench": 4, "convert": 4, "prepare": 4, "export": 4,
           "finetune": 4}  # scripts
 
@@ -111,7 +113,8 @@ def test_imports_point_down_the_layers_with_no_cycle_and_no_importer_of_train():
         assert "train" not in deps, f"{name}.py imports train.py"
         for dep in deps:
             downward = LAYERS[dep] < LAYERS[name] or (name, dep) in (
-                ("data", "synthetic"), ("corpus", "data"), ("corpus", "synthetic"), ("blalm", "decode"), ("train", "eval"))
+                ("data", "synthetic"), ("corpus", "data"), ("corpus", "synthetic"), ("blalm", "decode"), ("train", "eval"),
+                ("tasks", "reading"))
             assert downward, f"{name}.py (layer {LAYERS[name]}) imports {dep}.py (layer {LAYERS[dep]})"
     assert not any(graph[m] for m in ("hedgehog", "muon", "mlstm_triton", "conv_triton") if m in graph), \
         "a math file imports the project"
@@ -3945,7 +3948,7 @@ def rho_no_ties(x, y):
 def test_readers_on_the_shared_suite_files():
     if not SUITE.is_dir():
         pytest.skip(f"{SUITE} is not present (the shared BabyLM 2025 evaluation files)")
-    suite = evaluate.load_babylm(SUITE)
+    suite = tasks.load_babylm(SUITE)
     assert list(suite) == ["blimp_filtered", "supplement_filtered", "entity_tracking", "wug_adj_nominalization",
                            "reading"]
     lines = lambda task: sum(len(p.read_bytes().splitlines()) for p in (SUITE / task).glob("*.jsonl"))
@@ -3967,15 +3970,15 @@ def test_readers_on_the_shared_suite_files():
 
 
 def test_readers_of_every_task_on_small_files(suite_dir):
-    suite = evaluate.load_babylm(suite_dir)
-    assert list(suite) == list(evaluate.TASKS)
-    assert suite["ewok_filtered"][0] == evaluate.Item("Ann is kind. ", ("She helps.", "She hits."), "social")
+    suite = tasks.load_babylm(suite_dir)
+    assert list(suite) == list(tasks.TASKS)
+    assert suite["ewok_filtered"][0] == tasks.Item("Ann is kind. ", ("She helps.", "She hits."), "social")
     assert suite["entity_tracking"][0].uid == "ambiref_0_ops" and suite["entity_tracking"][-1].uid == "regular_1_ops"
     assert suite["blimp_filtered"][2].field == "syntax/semantics"  # the pipeline's spelling
     assert {it.uid for it in suite["supplement_filtered"]} == {"hypernym", "turn_taking"}
-    assert suite["wug_adj_nominalization"][1] == evaluate.Item("", ("Make a noun: tavable. tavableity",
+    assert suite["wug_adj_nominalization"][1] == tasks.Item("", ("Make a noun: tavable. tavableity",
                                                               "Make a noun: tavable. tavableness"), "wug", ratio=0.9)
-    assert list(evaluate.load_babylm(suite_dir, ["wug_adj_nominalization", "ewok_filtered"])) == \
+    assert list(tasks.load_babylm(suite_dir, ["wug_adj_nominalization", "ewok_filtered"])) == \
         ["ewok_filtered", "wug_adj_nominalization"]
 
 
@@ -3997,7 +4000,7 @@ def test_malformed_lines_raise_naming_file_and_line(tmp_path, task, lines, line,
     path.parent.mkdir()
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
     with pytest.raises(ValueError, match=re.escape(f"{path} line {line}:") + ".*" + message):
-        evaluate.load_babylm(tmp_path)
+        tasks.load_babylm(tmp_path)
 
 
 def test_invalid_utf8_names_file_and_line_in_every_reader(tmp_path):
@@ -4005,24 +4008,24 @@ def test_invalid_utf8_names_file_and_line_in_every_reader(tmp_path):
     (tmp_path / "blimp_filtered").mkdir()
     (tmp_path / "blimp_filtered" / "x.jsonl").write_bytes(bad)
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'blimp_filtered' / 'x.jsonl'} line 2: not valid UTF-8")):
-        evaluate.load_babylm(tmp_path)
+        tasks.load_babylm(tmp_path)
     (tmp_path / "z-p.txt").write_bytes(b"bad one .\ngood one .\nbad \xc3 .\ngood two .\n")
     with pytest.raises(ValueError, match=r"z-p\.txt line 3: not valid UTF-8"):
-        evaluate.load_pairs(tmp_path / "z-p.txt")
+        tasks.load_pairs(tmp_path / "z-p.txt")
     with pytest.raises(ValueError, match=r"z-p\.txt line 3: not valid UTF-8"):
-        evaluate.read_text(tmp_path / "z-p.txt")
+        common.read_text(tmp_path / "z-p.txt")
 
 
 def test_suite_folder_errors_name_what_is_wrong(tmp_path, suite_dir):
     with pytest.raises(ValueError, match="unknown task.*bogus; valid tasks: blimp_filtered, supplement_filtered"):
-        evaluate.load_babylm(suite_dir, ["bogus"])
+        tasks.load_babylm(suite_dir, ["bogus"])
     with pytest.raises(ValueError, match="holds none of the task folders"):
-        evaluate.load_babylm(tmp_path / "full_eval" / "ewok_filtered")
+        tasks.load_babylm(tmp_path / "full_eval" / "ewok_filtered")
     (tmp_path / "only" / "entity_tracking").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no folder for task.*ewok_filtered"):
-        evaluate.load_babylm(tmp_path / "only", ["ewok_filtered"])
+        tasks.load_babylm(tmp_path / "only", ["ewok_filtered"])
     with pytest.raises(ValueError, match="entity_tracking holds no .jsonl files"):
-        evaluate.load_babylm(tmp_path / "only")
+        tasks.load_babylm(tmp_path / "only")
 
 
 def test_blimp_flag_refuses_a_zorro_folder_and_the_reverse(tmp_path):
@@ -4031,10 +4034,10 @@ def test_blimp_flag_refuses_a_zorro_folder_and_the_reverse(tmp_path):
     (zorro / "agreement-x.txt").write_text("the cats is .\nthe cats are .\n")
     write_jsonl(blimp / "agr.jsonl", [dict(sentence_good="A cat is.", sentence_bad="A cat are.")])
     with pytest.raises(ValueError, match=f"--blimp={re.escape(str(zorro))} holds no BLiMP .jsonl files but Zorro .txt"):
-        evaluate.load_pairs(zorro, "blimp")
+        tasks.load_pairs(zorro, "blimp")
     with pytest.raises(ValueError, match=f"--zorro={re.escape(str(blimp))} holds no Zorro .txt files but BLiMP .jsonl"):
-        evaluate.load_pairs(blimp, "zorro")
-    assert set(evaluate.load_pairs(zorro, "zorro")) == {"agreement-x"} and set(evaluate.load_pairs(blimp, "blimp")) == {"agr"}
+        tasks.load_pairs(blimp, "zorro")
+    assert set(tasks.load_pairs(zorro, "zorro")) == {"agreement-x"} and set(tasks.load_pairs(blimp, "blimp")) == {"agr"}
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -4042,7 +4045,7 @@ def test_blimp_flag_refuses_a_zorro_folder_and_the_reverse(tmp_path):
 
 def test_every_task_matches_an_item_by_item_reference(suite_dir):
     model, enc = suite_model(), byte_tokenizer()
-    suite = evaluate.load_babylm(suite_dir)
+    suite = tasks.load_babylm(suite_dir)
     res = evaluate.score_babylm(model, enc, suite, batch_size=3)
     want, right = expected_suite(model, enc, suite)
     assert any(right) and not all(right)  # the comparison can tell right from wrong
@@ -4059,7 +4062,7 @@ def test_every_task_matches_an_item_by_item_reference(suite_dir):
 @pytest.mark.parametrize("mixer", ["mlstm", "attn", "hedgehog"])
 def test_a_shared_context_read_once_gives_the_full_forward_scores(suite_dir, mixer):
     model, enc = suite_model(mixer, block_size=128), byte_tokenizer()
-    items = evaluate.load_babylm(suite_dir, ["ewok_filtered", "entity_tracking"])
+    items = tasks.load_babylm(suite_dir, ["ewok_filtered", "entity_tracking"])
     items = items["ewok_filtered"] + items["entity_tracking"]
     for item in items:  # every item takes the shared path
         tokens = [evaluate.candidate_tokens(enc, item.prefix, c) for c in item.candidates]
@@ -4073,7 +4076,7 @@ def test_a_shared_context_read_once_gives_the_full_forward_scores(suite_dir, mix
 
 def test_batching_does_not_change_candidate_scores(suite_dir):
     model, enc = suite_model(), byte_tokenizer()
-    items = evaluate.load_babylm(suite_dir)["entity_tracking"]
+    items = tasks.load_babylm(suite_dir)["entity_tracking"]
     one = evaluate.score_items(model, enc, items, batch_size=1)[0]
     for bs in (2, 7):
         for a, b in zip(evaluate.score_items(model, enc, items, batch_size=bs)[0], one):
@@ -4093,7 +4096,7 @@ def test_the_seam_token_is_scored_and_matches_the_char_span_rule():
         ids, n_scored = evaluate.candidate_tokens(enc, prefix, completion)
         assert n_scored == n, (prefix, completion, [enc.decode_single_token_bytes(t) for t in ids])
         model = suite_model(vocab_size=enc.n_vocab)
-        item = evaluate.Item(prefix, (completion, completion + " x"), "u")
+        item = tasks.Item(prefix, (completion, completion + " x"), "u")
         got = evaluate.score_items(model, enc, [item])[0][0][0].item()
         assert got == pytest.approx(reference_score(model, enc, prefix, completion), abs=1e-10)
 
@@ -4106,11 +4109,11 @@ def constant_model(mixer="mlstm", block_size=32):
 
 def test_ties_are_wrong_in_every_task(suite_dir):
     suite = dict(
-        blimp_filtered=[evaluate.Item("", ("The cats sleep.", "The cat sleeps."), "u", "syntax")],
-        ewok_filtered=[evaluate.Item("Ann is kind. ", ("She helps.", "She hurts."), "d")],
-        entity_tracking=[evaluate.Item("Box 0 contains ", ("the cat.", "the dog.", "the hat."), "regular_0_ops", "regular")],
-        wug_adj_nominalization=[evaluate.Item("", ("x abcity", "x abness"), "wug", ratio=0.3),
-                                evaluate.Item("", ("x cdity", "x cdnes"), "wug", ratio=0.6)])
+        blimp_filtered=[tasks.Item("", ("The cats sleep.", "The cat sleeps."), "u", "syntax")],
+        ewok_filtered=[tasks.Item("Ann is kind. ", ("She helps.", "She hurts."), "d")],
+        entity_tracking=[tasks.Item("Box 0 contains ", ("the cat.", "the dog.", "the hat."), "regular_0_ops", "regular")],
+        wug_adj_nominalization=[tasks.Item("", ("x abcity", "x abness"), "wug", ratio=0.3),
+                                tasks.Item("", ("x cdity", "x cdnes"), "wug", ratio=0.6)])
     res = evaluate.score_babylm(constant_model(), byte_tokenizer(), suite)
     assert res["tasks"] == {t: 0.0 for t in suite} and res["macro_average"] == 0.0
     assert res["wug"]["spearman"] is None  # constant differences: no correlation to speak of
@@ -4121,8 +4124,8 @@ def test_the_prefix_is_not_scored_and_options0_is_the_answer():
     completion wins; options[0] shortest -> right, another option shortest -> wrong."""
     model, enc = constant_model(), byte_tokenizer()
     long_prefix = "Box 0 contains the cat and the hat, Box 1 contains nothing. Box 0 contains "
-    items = [evaluate.Item(long_prefix, ("the cat.", "the cat and the hat.", "the dog and the cat."), "r_0_ops", "r"),
-             evaluate.Item("Box 2 contains ", ("the big red hat.", "the hat.", "the big red cat."), "r_1_ops", "r")]
+    items = [tasks.Item(long_prefix, ("the cat.", "the cat and the hat.", "the dog and the cat."), "r_0_ops", "r"),
+             tasks.Item("Box 2 contains ", ("the big red hat.", "the hat.", "the big red cat."), "r_1_ops", "r")]
     scores, _, _ = evaluate.score_items(model, enc, items)
     for item, s in zip(items, scores):
         want = torch.tensor([-len(c.encode()) * math.log(257) for c in item.candidates], dtype=torch.float64)
@@ -4135,8 +4138,8 @@ def test_the_prefix_is_not_scored_and_options0_is_the_answer():
 def test_learned_positions_cut_long_context_from_the_left_and_count_too_long_items_wrong():
     enc = byte_tokenizer()
     prefix = "Box 0 contains the cat, Box 1 contains the dog. Box 1 contains "  # 63 bytes > block_size 32
-    fits, too_long = evaluate.Item(prefix, ("the dog.", "the cat."), "et"), evaluate.Item("Hi ", ("x" * 40, "y" * 40), "et")
-    short = evaluate.Item("Hi ", ("the dog.", "the cat."), "et")
+    fits, too_long = tasks.Item(prefix, ("the dog.", "the cat."), "et"), tasks.Item("Hi ", ("x" * 40, "y" * 40), "et")
+    short = tasks.Item("Hi ", ("the dog.", "the cat."), "et")
     attn = suite_model("attn", block_size=32)
     scores, cut, long = evaluate.score_items(attn, enc, [short, fits, too_long])
     assert cut == [1] and long == [2] and torch.isnan(scores[2]).all()
@@ -4172,7 +4175,7 @@ def test_max_items_per_uid_keeps_the_first_items_of_each_uid(tmp_path):
         ewok("social", "Ann is kind.", *ordered("Ann is kind. ", "She helps.", "She hits.")),
         ewok("physical", "The box is big.", *ordered("The box is big. ", "It holds a lot.", "It holds little.")),
         ewok("social", "Bo is sad.", "He cries.", "He cries."), ewok("physical", "A cup.", "It is.", "It is.")])
-    suite = evaluate.load_babylm(d)
+    suite = tasks.load_babylm(d)
     for k in (1, 2):
         res = evaluate.score_babylm(model, enc, suite, max_items_per_uid=k)
         assert res["n_items"] == {"blimp_filtered": {"agr": k, "npi": k}, "ewok_filtered": {"social": k, "physical": k}}
@@ -4197,8 +4200,8 @@ def test_a_suite_folder_is_not_read_as_minimal_pairs(tmp_path):
     # per paradigm instead: load_pairs refuses it and names the flag that reads it
     write_jsonl(tmp_path / "blimp_filtered" / "a.jsonl", [dict(sentence_good="A cat is here.", sentence_bad="A cat are here.")])
     with pytest.raises(ValueError, match="suite folder .* --babylm="):
-        evaluate.load_pairs(tmp_path)
-    assert list(evaluate.load_babylm(tmp_path)) == ["blimp_filtered"]
+        tasks.load_pairs(tmp_path)
+    assert list(tasks.load_babylm(tmp_path)) == ["blimp_filtered"]
 
 
 def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
@@ -4217,7 +4220,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
                                reference_score(model, enc, "", r["sentence_bad"]) for r in rs[:2]) / len(rs[:2])
                 for key, rs in by_uid.items()}
 
-    got = evaluate.score_babylm(model, enc, evaluate.load_babylm(suite_dir), "cpu", 64, 2)
+    got = evaluate.score_babylm(model, enc, tasks.load_babylm(suite_dir), "cpu", 64, 2)
     want = raw_pair_accuracies(suite_dir)
     assert {(t, u): a for t in ("blimp_filtered", "supplement_filtered") for u, a in got["uids"][t].items()} == \
         pytest.approx(want)
@@ -4227,7 +4230,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
     for f in list(swapped.glob("blimp_filtered/*.jsonl")) + list(swapped.glob("supplement_filtered/*.jsonl")):
         records = [json.loads(line) for line in f.read_text().splitlines()]
         write_jsonl(f, [{**r, "sentence_good": r["sentence_bad"], "sentence_bad": r["sentence_good"]} for r in records])
-    flipped = evaluate.score_babylm(model, enc, evaluate.load_babylm(swapped), "cpu", 64, 2)
+    flipped = evaluate.score_babylm(model, enc, tasks.load_babylm(swapped), "cpu", 64, 2)
     for t in ("blimp_filtered", "supplement_filtered"):
         assert flipped["uids"][t] == pytest.approx({u: 100 - a for u, a in got["uids"][t].items()})
     # train.py --eval_pairs=DIR: the logged accuracy is the suite's macro-average for the weights it checkpointed
@@ -4236,7 +4239,7 @@ def test_train_eval_pairs_takes_a_suite_folder(suite_dir, tiny_data, tmp_path):
     logged = [r["pairs_macro"] for r in log_rows(out) if r["kind"] == "eval"][-1]
     trained = checkpoint.model_from_checkpoint(ckpt)
     assert logged == pytest.approx(evaluate.score_babylm(trained, data.tokenizer_from_dict(ckpt["tokenizer"]),
-                                                         evaluate.load_babylm(suite_dir), "cpu", 64, 2)["macro_average"])
+                                                         tasks.load_babylm(suite_dir), "cpu", 64, 2)["macro_average"])
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -4255,7 +4258,7 @@ def test_cli_prints_tables_task_lines_and_macro_average(suite_dir, tmp_path, cap
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert "iter 7, 39.2M words seen" in lines[0] and "a tie counts as WRONG" in lines[1]
-    for task in evaluate.TASKS:
+    for task in tasks.TASKS:
         assert re.search(rf"^{task} +\d+\.\d\d", out, re.M), task
     assert re.search(r"^  ambiref_0_ops +\d+\.\d\d  \(1 items\)$", out, re.M)
     assert "Spearman with the human ratio" in out and "field syntax/semantics" in out and "file regular" in out
@@ -4411,27 +4414,27 @@ def test_suite_folder_with_an_unknown_folder_or_an_empty_file_is_an_error(suite_
     (suite_dir / "ewok_filterd").mkdir()
     with pytest.raises(ValueError, match=r"unknown task folder\(s\) ewok_filterd; the known ones are "
                                          r"blimp_filtered, .*wug_adj_nominalization, reading \(fast_eval"):
-        evaluate.load_babylm(suite_dir)
+        tasks.load_babylm(suite_dir)
     (suite_dir / "ewok_filterd").rmdir()
     (suite_dir / "blimp_filtered" / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match=re.escape(f"{suite_dir / 'blimp_filtered' / 'empty.jsonl'} holds no items")):
-        evaluate.load_babylm(suite_dir)
+        tasks.load_babylm(suite_dir)
     (suite_dir / "blimp_filtered" / "empty.jsonl").unlink()
     (suite_dir / "comps").mkdir()  # a folder of the pipeline that eval.py does not score: named, not an error
-    assert list(evaluate.load_babylm(suite_dir)) == list(evaluate.TASKS)
+    assert list(tasks.load_babylm(suite_dir)) == list(tasks.TASKS)
     assert "not scored by eval.py: comps" in capsys.readouterr().err
 
 
 def test_fast_eval_folder_names_are_the_same_tasks(suite_dir, tmp_path):
-    full = evaluate.load_babylm(suite_dir)
+    full = tasks.load_babylm(suite_dir)
     fast = tmp_path / "fast_eval"
     shutil.copytree(suite_dir, fast)
-    for name, task in evaluate.FAST_FOLDERS.items():
+    for name, task in tasks.FAST_FOLDERS.items():
         (fast / task).rename(fast / name)
-    assert evaluate.load_babylm(fast) == full and evaluate.is_suite(fast)
+    assert tasks.load_babylm(fast) == full and tasks.is_suite(fast)
     shutil.copytree(fast / "blimp_fast", fast / "blimp_filtered")
     with pytest.raises(ValueError, match="two folders for task blimp_filtered: blimp_f"):
-        evaluate.load_babylm(fast)
+        tasks.load_babylm(fast)
 
 
 # -----------------------------------------------------------------------------
@@ -4448,10 +4451,10 @@ def test_run_summary_holds_every_task_incl_reading_for_each_revision(suite_dir, 
     saved = json.loads((tmp_path / "all.json").read_text())
     assert saved == json.loads((run / "babylm_curve.json").read_text())
     assert saved["revisions"] == ["chck_1M", "chck_2M", "main"]
-    assert set(saved["summary"]) == {*evaluate.TASKS, "macro_average", "reading_eye_tracking", "reading_self_paced"}
+    assert set(saved["summary"]) == {*tasks.TASKS, "macro_average", "reading_eye_tracking", "reading_self_paced"}
     for revision, ckpt in (("chck_1M", "ckpt_1M_words.pt"), ("chck_2M", "ckpt_2M_words.pt"), ("main", "ckpt.pt")):
         alone = evaluate.main([f"--ckpt={run / ckpt}", f"--babylm={suite_dir}", "--device=cpu"])["babylm"]
-        for task in evaluate.TASKS:
+        for task in tasks.TASKS:
             assert saved["summary"][task][revision] == pytest.approx(alone["tasks"][task])
         assert saved["summary"]["reading_eye_tracking"][revision] == pytest.approx(alone["reading"]["eye_tracking"])
         assert saved["summary"]["reading_self_paced"][revision] == pytest.approx(alone["reading"]["self_paced_reading"])

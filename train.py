@@ -37,6 +37,7 @@ import checkpoint
 import corpus
 import data
 import eval as evaluate
+import tasks
 from blalm import MLSTM_FORMS, MLSTM_KERNELS, BLaLM, BLaLMConfig
 from common import (FolderLock, check_writable, device_peak_flops, format_words, given_flags, lr_factor, parse_args,
                     pick_device, remove_stray_temps, run_cli, setup_precision, write_atomic)
@@ -289,13 +290,13 @@ def load_eval_pairs(c):
     if c.eval_pairs in ("auto", "none"):
         return None
     if c.eval_pairs == "builtin":
-        return evaluate.builtin_pairs()
+        return tasks.builtin_pairs()
     if not os.path.exists(c.eval_pairs):
         raise FileNotFoundError(f"--eval_pairs={c.eval_pairs} does not exist (expected auto, none, builtin, "
                                 "or a BLiMP, Zorro or BabyLM suite folder)")
-    if evaluate.is_suite(c.eval_pairs):  # a BabyLM 2025 suite folder: scored as the suite (Run.evaluate)
-        return evaluate.load_babylm(c.eval_pairs)
-    return evaluate.load_pairs(c.eval_pairs)
+    if tasks.is_suite(c.eval_pairs):  # a BabyLM 2025 suite folder: scored as the suite (Run.evaluate)
+        return tasks.load_babylm(c.eval_pairs)
+    return tasks.load_pairs(c.eval_pairs)
 
 
 def check_out_dir(c):
@@ -350,7 +351,7 @@ class Run:
     def __init__(self, c, model_config, meta, enc, pairs, autocast, rank, world, ckpt):
         self.c, self.meta, self.enc, self.pairs, self.autocast, self.master = c, meta, enc, pairs, autocast, rank == 0
         # a BabyLM suite folder is scored as the suite (per task and UID), other pairs per paradigm
-        self.score = evaluate.score_babylm if evaluate.is_suite(c.eval_pairs) else evaluate.score_pairs
+        self.score = evaluate.score_babylm if tasks.is_suite(c.eval_pairs) else evaluate.score_pairs
         self.model_config = m = model_config
         self.raw_model = BLaLM(self.model_config).set_kernels(c.kernels, c.mlstm_form, c.chunk_size).to(c.device)
         self.optimizer = configure_optimizers(self.raw_model, c.optimizer, lr=c.learning_rate, adam_lr=c.adam_lr,
@@ -626,7 +627,7 @@ def main(argv):
     try:
         meta, enc = open_data(c, plan, master, world)
         if pairs is None and c.eval_pairs == "auto" and meta.get("source") == "synthetic":
-            pairs = evaluate.builtin_pairs()
+            pairs = tasks.builtin_pairs()
         model_config = BLaLMConfig(**{**asdict(m), "vocab_size": meta["vocab_size"]})  # the vocabulary: the data's
         if ckpt is not None:
             check_resume(ckpt, os.path.join(c.out_dir, "ckpt.pt"), model_config, data.tokenizer_to_dict(enc), meta["dir"])
