@@ -459,7 +459,6 @@ def decode_steps(model, cfg, ctx, B, room, device, gpu, modes):
     return {m: s for m, s in steps.items() if m in modes}, static
 
 
-@torch.no_grad()
 def decode_progress(row):
     """One readable line a decode row, on stderr as it is measured (a run cut short keeps what it measured)."""
     what = row.get("note") or f"{row['ms_per_token']:.3g} ms/token, {row['tok_s']:,.0f} tok/s"
@@ -513,6 +512,7 @@ def decode_generate_rows(model, name, cfg, batches, device, gpu, compiled):
     return rows
 
 
+@torch.no_grad()
 def bench_decode(c, device, gpu):
     """Milliseconds per decoded token (one step: the model, then sampling the next token with top_k=50) after a
     context of ctx tokens, for B rows at once (--decode_modes picks among these):
