@@ -232,8 +232,9 @@ def read_text(path):
         raise ValueError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
 
 
-def jsonl_records(path):
-    """(line number, value) for each line of a JSON Lines file; a line that is not JSON names file and line."""
+def jsonl_records(path, torn_last_ok=False):
+    """(line number, value) for each line of a JSON Lines file; a line that is not JSON names file and line.
+    torn_last_ok: a last line that is not JSON (what a killed writer leaves) is dropped with a note instead."""
     lines = read_text(path).split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends
     if lines[-1] == "":
         lines.pop()
@@ -241,6 +242,9 @@ def jsonl_records(path):
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
+            if torn_last_ok and n == len(lines):
+                print(f"note: {path} line {n} is torn (a killed run); dropped it")
+                return
             raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
 
 # -----------------------------------------------------------------------------
@@ -353,9 +357,8 @@ class FolderLock:
     (atomic on local and NFS v3+ file systems). A second process gets a one-line error naming the owner; a lock
     left by a dead process of this host is taken over with a note. A context manager; release() removes it."""
 
-    def __init__(self, folder, what="run folder"):
+    def __init__(self, folder):
         self.path = Path(folder) / "LOCK"
-        self.what = what
         self.held = False
 
     def acquire(self):

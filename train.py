@@ -39,8 +39,8 @@ import data
 import eval as evaluate
 import tasks
 from blalm import MLSTM_FORMS, MLSTM_KERNELS, BLaLM, BLaLMConfig
-from common import (FolderLock, check_writable, device_peak_flops, format_words, given_flags, lr_factor, parse_args,
-                    pick_device, remove_stray_temps, run_cli, setup_precision, write_atomic)
+from common import (FolderLock, check_writable, device_peak_flops, format_words, given_flags, jsonl_records, lr_factor,
+                    parse_args, pick_device, remove_stray_temps, run_cli, setup_precision, write_atomic)
 from muon import configure_optimizers
 
 # -----------------------------------------------------------------------------
@@ -184,15 +184,7 @@ def milestone_words(words_before, words_after):
 def read_log(path, up_to_iter=None):
     """The rows of a log.jsonl; a torn last line (a killed run) is dropped with a note, and with up_to_iter
     the rows past that iteration (written after the checkpoint a run resumes from) are dropped too."""
-    rows, lines = [], open(path, encoding="utf-8").read().splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                print(f"note: {path} line {n} is torn (a killed run); dropped it")
-                continue
-            raise ValueError(f"{path} line {n} is not valid JSON") from None
+    rows = [r for _, r in jsonl_records(path, torn_last_ok=True)]
     if up_to_iter is not None:
         rows = [r for r in rows if r["iter"] <= up_to_iter]
     return rows
@@ -473,10 +465,10 @@ class Run:
     def train_step(self):
         """One optimizer step over gradient_accumulation_steps micro-batches -> the last micro-batch's loss."""
         c = self.c
+        factor = lr_factor(self.it, self.max_iters, warmup_iters=c.warmup_iters, schedule=c.schedule,
+                           decay_frac=c.decay_frac, min_lr_ratio=c.min_lr_ratio)
         for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * lr_factor(self.it, self.max_iters, warmup_iters=c.warmup_iters,
-                                                  schedule=c.schedule, decay_frac=c.decay_frac,
-                                                  min_lr_ratio=c.min_lr_ratio)
+            g["lr"] = g["initial_lr"] * factor
         for micro in range(c.gradient_accumulation_steps):
             x, y = self.batches.next_batch(c.device)
             if self.world > 1:
