@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_model, resolve_path
-from common import check_writable, jsonl_records, parse_args, pick_device, run_cli, write_json
+from common import check_writable, jsonl_records, lr_factor, parse_args, pick_device, run_cli, write_json
 
 # task -> (fields of part A, fields of part B or None, template of A, template of B): the pipeline's layouts
 TASKS = {
@@ -172,9 +172,8 @@ def pipeline_lr_factor(step, total, warmup, min_factor):
     """The rate of update `step` (0-based) over the peak: linear from 0 over the warmup steps, then a cosine
     from 1 down to min_factor at the last step (the pipeline's schedule; its first update has rate 0)."""
     if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return step / warmup  # one step behind train.py's warmup, which starts at 1 / warmup
+    return lr_factor(step, total, warmup_iters=warmup, schedule="cosine", min_lr_ratio=min_factor)
 
 
 def format_metrics(m):
