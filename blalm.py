@@ -638,25 +638,30 @@ class BLaLM(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}, "
                              f"the learned positions of mixer={self.config.mixer!r}")
 
+    def embed(self, idx, pos=0):
+        """idx (B, T), the tokens from position pos on -> the residual stream entering the first block: token
+        embeddings, plus learned positions where the mixer has them, then dropout."""
+        check_ids(idx)
+        T = idx.size(1)
+        self.check_length(pos + T)
+        x = self.transformer.wte(idx)
+        if self.learned_pos:
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        return self.transformer.drop(x)
+
     def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx (B, T) token ids in [0, vocab_size) -> logits (B, T, vocab); loss when targets (B, T) are given
         (-1 = ignore). With a cache (from new_cache) the tokens continue the sequence the cache has seen.
         last_only (without targets): the logits of the last position only, (B, 1, vocab), what decoding needs.
         Token ids are checked where data enters (bins, prompts, evaluation sentences), not here: a check of
         the values would synchronise the device on every call."""
-        check_ids(idx)
-        T = idx.size(1)
         pos = cache.pos if cache is not None else 0
-        self.check_length(pos + T)
-        x = self.transformer.wte(idx)
-        if self.learned_pos:
-            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
-        x = self.transformer.drop(x)
+        x = self.embed(idx, pos)
         compiled = self._compiled_blocks if self.training and cache is None else None
         for l, block in enumerate(compiled or self.transformer.h):
             x = block(x, cache.layers[l] if cache is not None else None, pos)
         if cache is not None:
-            cache.pos = pos + T
+            cache.pos = pos + idx.size(1)
         if targets is None:
             return self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x)), None
         return (self._compiled_loss if compiled else self.logits_and_loss)(x, targets)

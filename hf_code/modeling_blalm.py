@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 
-from .blalm import BLaLM, check_ids
+from .blalm import BLaLM
 from .configuration_blalm import BLaLMHFConfig
 
 if TYPE_CHECKING:  # never run: transformers < 5 copies out of a local folder only the files that this file
@@ -81,13 +81,8 @@ class BLaLMPreTrainedModel(PreTrainedModel):
         """input_ids (B, S) -> the residual stream after the embeddings and after each block, the last one
         through the final layer norm (GPT-2's convention: n_layer + 1 states, the last = last_hidden_state).
         lengths: each row's real tokens; the states past them are set to the last real one's."""
-        check_ids(input_ids)
         model, (B, S) = self.blalm, input_ids.shape
-        model.check_length(S)
-        x = model.transformer.wte(input_ids)
-        if model.learned_pos:
-            x = x + model.transformer.wpe(torch.arange(S, device=input_ids.device))
-        states = [model.transformer.drop(x)]
+        states = [model.embed(input_ids)]
         for block in model.transformer.h:
             states.append(block(states[-1]))
         states[-1] = model.transformer.ln_f(states[-1])
@@ -129,8 +124,9 @@ class BLaLMForSequenceClassification(BLaLMPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,
                 **kwargs):
         lengths = real_lengths(attention_mask, input_ids)
-        states = self.hidden_states(input_ids, lengths)
-        last = states[-1][:, -1]  # the last real token's state: the padded positions repeat it
+        # the states past each row's real tokens are filled in only when they are returned
+        states = self.hidden_states(input_ids, lengths if output_hidden_states else None)
+        last = states[-1][:, -1] if lengths is None else states[-1][torch.arange(len(lengths)), lengths - 1]
         logits = self.score(last.to(self.score.weight.dtype))
         loss = None
         if labels is not None:
