@@ -833,7 +833,8 @@ def check_prepared(out_dir, source, **settings):
         return False
     args = inspect.signature(prepare).bind(source, out_dir, **settings)
     args.apply_defaults()
-    want = _settings(**{k: v for k, v in args.arguments.items() if k not in ("out_dir", "verbose", "strict_utf8", "checked")})
+    settings_of = inspect.signature(_settings).parameters  # what changes the output (not out_dir, verbose, ...)
+    want = _settings(**{k: v for k, v in args.arguments.items() if k in settings_of})
     meta = load_meta(out_dir, verify=False)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{out_dir} was prepared by an older data.py that did not record its source and "
