@@ -38,7 +38,7 @@ import corpus
 import data
 import eval as evaluate
 import tasks
-from blalm import MLSTM_FORMS, MLSTM_KERNELS, BLaLM, BLaLMConfig
+from blalm import MLSTM_FORMS, MLSTM_KERNELS, RUN_DEFAULTS, BLaLM, BLaLMConfig
 from common import (FolderLock, check_writable, device_peak_flops, format_words, given_flags, jsonl_records, lr_factor,
                     parse_args, pick_device, remove_stray_temps, run_cli, setup_precision, write_atomic)
 from muon import configure_optimizers
@@ -160,7 +160,7 @@ def check_config(c, m, given=()):
         raise ValueError(f"--swa_window={m.swa_window} is longer than --block_size={m.block_size}: "
                          "a window beyond the context only costs memory")
     dev = pick_device(c.device)  # an unknown name, or cuda without CUDA, fails here
-    if m.mixer != "mlstm" and (c.kernels, c.mlstm_form) != ("torch", "chunkwise"):
+    if m.mixer != "mlstm" and (c.kernels, c.mlstm_form) != (RUN_DEFAULTS["kernels"], RUN_DEFAULTS["form"]):
         raise ValueError(f"--kernels={c.kernels} and --mlstm_form={c.mlstm_form} apply to --mixer=mlstm only")
     if c.kernels == "triton":
         if not dev.startswith("cuda"):
