@@ -122,6 +122,7 @@ def next_token_logprobs(model, contexts, targets, device=None, batch_size=64):
     contexts = [c[-W:] if W else c for c in contexts]
     order = sorted(range(len(contexts)), key=lambda j: contexts[j])
     reads = {}  # the list whose forward is read -> [(context, position)]
+    owner = None  # the host of the list after this one in sorted order
     for n in reversed(range(len(order))):
         j = order[n]
         nxt = order[n + 1] if n + 1 < len(order) else None
