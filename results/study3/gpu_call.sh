@@ -30,7 +30,8 @@ echo "$(date +%T) JOBS=$JOBS" | tee -a "$OUT/gpu.txt"
 if [ -n "${CURVE:-}" ]; then   # takes one of the JOBS slots
   export JOBS=$(( JOBS > 1 ? JOBS - 1 : 1 ))
   timeout "${BUDGET:-500}" $PY eval.py --run="runs/study3/$CURVE" --babylm=.evaldata/babylm_eval \
-    --tasks=blimp_filtered,supplement_filtered --batch_size=128 > "runs/study3/$CURVE.curve.log" 2>&1 &
+    --tasks=blimp_filtered,supplement_filtered --batch_size=128 --json="runs/study3/$CURVE.curve.json" \
+    > "runs/study3/$CURVE.curve.log" 2>&1 &   # the JSON holds the finished milestones if the time limit stops it
 fi
 timeout "${BUDGET:-500}" bash results/study3/study.sh "$@" 2>&1 | tee "$OUT/study.log"
 # at the time limit `timeout` sends SIGTERM to the group: each train.py finishes its step and writes ckpt.pt
