@@ -3,6 +3,9 @@
     python results/study3/table.py                 # every run in logs/
     python results/study3/table.py base ctx1024    # these runs, in this order
     python results/study3/table.py --mean a,b c,d  # mean rows over seeds (comma-joined names), one per group
+
+A run whose evaluation was cut off has NAME.rest.json beside NAME.eval.json: the missing tasks, scored later on the
+same final checkpoint (eval.py --tasks=...); its scores join the row.
 """
 import json
 import statistics
@@ -25,9 +28,17 @@ def scores(name):
     log = [json.loads(line) for line in open(LOGS / name / "log.jsonl")]
     last_eval = [r for r in log if r["kind"] == "eval"][-1]
     suite = json.load(open(LOGS / f"{name}.eval.json"))["babylm"]
-    tasks = suite["tasks"]  # an evaluation cut off at the call's time limit holds the tasks it finished
+    tasks = dict(suite["tasks"])  # an evaluation cut off at the call's time limit holds the tasks it finished
     blimp = suite["uids"]["blimp_filtered"]
     reading = suite.get("reading")
+    rest = LOGS / f"{name}.rest.json"  # the tasks a cut-off evaluation lacked, scored later on the same checkpoint
+    if rest.exists():
+        more = json.load(open(rest))["babylm"]
+        clash = set(more["tasks"]) & set(tasks)
+        if clash:
+            raise SystemExit(f"{rest.name} scores {sorted(clash)} again; {name}.eval.json already has them")
+        tasks.update(more["tasks"])
+        reading = reading or more.get("reading")
     return {"words seen": last_eval["words"] / 1e6, "val loss": last_eval["val_loss"],
             "BLiMP 22": tasks["blimp_filtered"],
             "BLiMP dev 12": statistics.mean(v for k, v in blimp.items() if k in DEV12),
