@@ -15,7 +15,10 @@ D=${DATA:-.bins/strict_small}
 E=${EVAL:-.evaldata/babylm_eval}
 ROOT=runs/study3
 PY=${PY:-python3}
-COMMON="--preset=strict_small --data=$D --eval_pairs=none --log_interval=50 --eval_iters=20 --eval_interval=100"
+# the preset as the study ran it (4 epochs, no dropout): queue.txt's flags are on top of this, so that each line
+# keeps meaning the run it made after the preset moved to 6 epochs + dropout 0.1 (the study's result)
+COMMON="--preset=strict_small --max_epochs=4 --dropout=0.0 --data=$D --eval_pairs=none --log_interval=50"
+COMMON="$COMMON --eval_iters=20 --eval_interval=100"
 mkdir -p "$ROOT"
 
 flags_of() { awk -v n="$1" '!/^#/ && $1 == n { $1 = ""; print; found = 1 } END { if (!found) exit 1 }' results/study3/queue.txt; }
@@ -32,6 +35,10 @@ job() {
     # the later --data in $flags wins over COMMON's
     $PY train.py $COMMON $flags ${EXTRA:-} --out_dir="$out" --resume=$resume >> "$out.train.log" 2>&1 \
       || { echo "$(date +%T) train $name stopped: $(tail -1 "$out.train.log")"; return; }
+  fi
+  # an evaluation cut off by the time limit writes the tasks it finished (and says "interrupted"): score it again
+  if [ -f "$out.eval.json" ] && grep -q '"interrupted"' "$out.eval.json"; then
+    mv "$out.eval.json" "$out.eval.cut.json"; mv "$out.eval.log" "$out.eval.cut.log"
   fi
   if [ ! -f "$out.eval.json" ]; then
     $PY eval.py --ckpt="$out/ckpt.pt" --babylm="$E" --batch_size=128 --json="$out.eval.json" > "$out.eval.log" 2>&1 \
