@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18, one device call of about 6 minutes on one GPU, in order of what the issue's targets need first:
-#   1. the Triton tests on CUDA (mlstm_triton.py, conv_triton.py, the fused convolution in a training layer)
+#   1. the CUDA tests: the Triton kernels (mlstm_triton.py, conv_triton.py, the fused convolution in a training layer),
+#      graph decoding, a compiled run's resume with dropout
 #   2. numerics: the fused chunkwise kernel and the PyTorch form in bfloat16 against float64 (numerics.py)
 #   3. with SWEEP=1: the fused kernel's profile and launch-shape sweep at T=2048 and 32768 (sweep.py)
 #   4. the kernels suite: this project's chunkwise mLSTM (compiled; PyTorch and the fused Triton kernels) against
@@ -65,9 +66,9 @@ else
   echo "the peers' wheels did not install: their rows will say 'not installed'" >> "$SUMMARY"
 fi
 
-# 1. the kernel tests on CUDA; the one that reruns them under the Triton interpreter is CPU work, done wherever the
-#    suite runs
-part tests 100 20 $PY -m pytest -q -rs -p no:cacheprovider -k "triton and not interpreter" test_all.py
+# 1. the kernel tests and the other CUDA tests (graph decoding, a compiled run's resume with dropout); the one that
+#    reruns the kernel tests under the Triton interpreter is CPU work, done wherever the suite runs
+part tests 160 20 $PY -m pytest -q -rs -p no:cacheprovider -k "(triton and not interpreter) or cuda" test_all.py
 
 # 2. numerics (about 20 s)
 part numerics 60 15 $PY -m results.kernels.numerics
