@@ -16,7 +16,7 @@ PY=${PY:-python3}
 # for their meta.json)
 for name in $(for n in "$@"; do grep "^$n " results/study3/queue.txt; done | grep -o -- "--data=.bins/[^ ]*" \
               | cut -d/ -f2 | sort -u); do
-  flags=$(awk -v n="$name" '!/^#/ && $1 == n { $1 = ""; print }' results/study3/bins.txt)
+  flags=$(awk -v n="$name" '!/^#/ && $1 == n { sub(/#.*/, ""); $1 = ""; print }' results/study3/bins.txt)
   [ -n "$flags" ] && [ ! -f ".bins/$name/meta.json" ] || continue
   $PY prepare.py --source=.corpus --budget_words=10000000 $flags --out=".bins/$name" > "$OUT/prepare_$name.log" 2>&1 &
 done

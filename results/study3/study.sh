@@ -21,7 +21,9 @@ COMMON="--preset=strict_small --max_epochs=4 --dropout=0.0 --data=$D --eval_pair
 COMMON="$COMMON --eval_iters=20 --eval_interval=100"
 mkdir -p "$ROOT"
 
-flags_of() { awk -v n="$1" '!/^#/ && $1 == n { $1 = ""; print; found = 1 } END { if (!found) exit 1 }' results/study3/queue.txt; }
+# a line's flags, without a trailing "# comment"
+flags_of() { awk -v n="$1" '!/^#/ && $1 == n { sub(/#.*/, ""); $1 = ""; print; found = 1 } END { if (!found) exit 1 }' \
+  results/study3/queue.txt; }
 
 job() {
   local name=$1 out=$ROOT/$1 flags resume=False
