@@ -3047,16 +3047,20 @@ def test_resume_continues_bit_identically(tiny_data, tmp_path, optimizer, extra)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled model's dropout on the GPU")
 def test_cuda_compiled_run_with_dropout_resumes_where_it_stopped(tiny_data, tmp_path):
     # results/study3: a 6-epoch run with dropout, trained twice with one seed and resumed at different iterations,
-    # ended 0.0025 apart in validation loss, where runs without dropout matched to four digits. In float32 the
-    # GPU's non-deterministic sums leave ~1e-7; a dropout mask drawn differently after the resume moves the
-    # weights by ~1e-3 within five steps
-    args = [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=4", "--dropout=0.1", "--device=cuda",
+    # ended 0.0025 apart in validation loss, where runs without dropout matched to four digits. The GPU's sums
+    # are not bit-reproducible, so the training losses are compared: after the resume they differ by ~1e-6 when
+    # the dropout masks are the same; on the CPU, a resume that did not restore the generator (checked by hand)
+    # left them 1.4e-4 to 7e-4 apart at this size
+    args = [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=4", "--dropout=0.5", "--device=cuda",
             "--compile=True", "--dtype=float32"]
-    _, whole = run_train(args, tmp_path, "whole")
+    run_train(args, tmp_path, "whole")
     run_train(args + ["--stop_iter=3"], tmp_path, "halves")
-    _, halves = run_train(args + ["--resume=True"], tmp_path, "halves")
-    worst = max((v.float() - halves["model"][k].float()).abs().max().item() for k, v in whole["model"].items())
-    assert worst < 1e-5, worst
+    run_train(args + ["--resume=True"], tmp_path, "halves")
+    losses = lambda name: {r["iter"]: r["loss"] for r in log_rows(tmp_path / name) if r["kind"] == "train"}
+    whole, halves = losses("whole"), losses("halves")
+    assert sorted(whole) == sorted(halves) == list(range(1, 9))
+    worst = max(abs(halves[i] - whole[i]) / whole[i] for i in range(4, 9))
+    assert worst < 1e-4, (worst, whole, halves)
 
 
 def test_a_second_run_into_a_run_folder_is_refused_and_overwrite_starts_over(tiny_data, tmp_path):
