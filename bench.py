@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from common import device_peak_flops, parse_args, pick_device, run_cli, write_json
 from hedgehog import HedgehogFeatureMap, causal_mask, linear_attention_chunkwise
@@ -89,15 +90,28 @@ def timed(fn, repeat, device):
     return sorted(times)[len(times) // 2], peak, first
 
 
-def kernel_ms(fn):
-    """Milliseconds the GPU spends in the kernels (and copies) that one call of fn launches, by the profiler:
-    busy time only, not the gaps where the GPU waits for launches."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+def kernel_times(fn, device="cuda"):
+    """{kernel name (its first 90 characters): [milliseconds, launches]} of one call of fn, by the profiler. On
+    CUDA the GPU's busy time in each kernel (and copy), not the gaps where it waits for launches; on a CPU the
+    operators' own CPU time."""
+    gpu = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1000
+        if gpu:
+            torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+    times = {}
+    for e in prof.events():
+        if e.device_type == kind and not e.is_user_annotation:
+            t = times.setdefault(e.name[:90], [0.0, 0])
+            t[0] += (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1000
+            t[1] += 1
+    return times
+
+
+def kernel_ms(fn):
+    """Milliseconds the GPU spends in the kernels (and copies) that one call of fn launches: busy time only."""
+    return sum(ms for ms, _ in kernel_times(fn).values())
 
 
 def device_name(device):

@@ -3012,6 +3012,15 @@ def log_rows(out):
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
 
+def run_whole_and_resumed(args, tmp_path):
+    """The run of args in one go ("whole") and stopped after 3 iterations, then resumed ("halves") -> their
+    final checkpoints."""
+    _, whole = run_train(args, tmp_path, "whole")
+    run_train(args + ["--stop_iter=3"], tmp_path, "halves")
+    _, halves = run_train(args + ["--resume=True"], tmp_path, "halves")
+    return whole, halves
+
+
 def test_tiny_model_trains_on_cpu_and_its_loss_falls(tiny_data, tmp_path):
     out, ckpt = run_train([f"--data={tiny_data}", "--max_iters=25", "--eval_interval=25"], tmp_path, "run")
     rows = log_rows(out)
@@ -3030,9 +3039,7 @@ def test_tiny_model_trains_on_cpu_and_its_loss_falls(tiny_data, tmp_path):
 def test_resume_continues_bit_identically(tiny_data, tmp_path, optimizer, extra):
     # with dropout too: the random generators' states travel in the checkpoint
     args = [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=4", f"--optimizer={optimizer}"] + extra
-    _, whole = run_train(args, tmp_path, "whole")
-    run_train(args + ["--stop_iter=3"], tmp_path, "halves")
-    _, halves = run_train(args + ["--resume=True"], tmp_path, "halves")
+    whole, halves = run_whole_and_resumed(args, tmp_path)
     assert whole["iter"] == halves["iter"] == 8
     for k, v in whole["model"].items():
         assert torch.equal(v, halves["model"][k]), k
@@ -3053,9 +3060,7 @@ def test_cuda_compiled_run_with_dropout_resumes_where_it_stopped(tiny_data, tmp_
     # left them 1.4e-4 to 7e-4 apart at this size
     args = [f"--data={tiny_data}", "--max_iters=8", "--eval_interval=4", "--dropout=0.5", "--device=cuda",
             "--compile=True", "--dtype=float32"]
-    run_train(args, tmp_path, "whole")
-    run_train(args + ["--stop_iter=3"], tmp_path, "halves")
-    run_train(args + ["--resume=True"], tmp_path, "halves")
+    run_whole_and_resumed(args, tmp_path)
     losses = lambda name: {r["iter"]: r["loss"] for r in log_rows(tmp_path / name) if r["kind"] == "train"}
     whole, halves = losses("whole"), losses("halves")
     assert sorted(whole) == sorted(halves) == list(range(1, 9))

@@ -14,14 +14,12 @@ launch-bound shows many short kernels and a wall time well above their sum.
 
 import argparse
 import sys
-import time
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from bench import decode_steps, model_pair
+from bench import decode_steps, kernel_times, model_pair, timed
 from blalm import BLaLM
+from results.kernels.profile_step import print_top
 
 
 def profile_model(name, cfg, kernels, a, gpu):
@@ -32,39 +30,20 @@ def profile_model(name, cfg, kernels, a, gpu):
         model = model.to(torch.bfloat16)
     model.compile_decode()
     with torch.no_grad():
-        steps, static = decode_steps(model, cfg, a.context, a.batch, a.steps + 8, a.device, gpu, ("compiled",))
+        # room for the timed steps (and timed's warm-up), then the profiled ones
+        steps, static = decode_steps(model, cfg, a.context, a.batch, 2 * a.steps + 8, a.device, gpu, ("compiled",))
         step = steps["compiled"][0]
-        sync = torch.cuda.synchronize if gpu else (lambda: None)
-        for _ in range(3):   # compiled at the first, warm after
-            static.pos.fill_(a.context)
-            step()
         static.pos.fill_(a.context)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            step()
-        sync()
-        wall_ms = 1000 * (time.perf_counter() - t0) / a.steps
+        wall_ms = timed(step, a.steps, a.device)[0]   # its warm-up step compiles (on a CPU; CUDA: at the capture)
         static.pos.fill_(a.context)
-        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-            for _ in range(a.steps):
-                step()
-            sync()
-    ms, calls = defaultdict(float), defaultdict(int)
-    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
-    for e in prof.events():
-        if e.device_type == kind and not e.is_user_annotation:
-            t = e.self_device_time_total if gpu else e.self_cpu_time_total
-            ms[e.name[:90]] += t / 1000 / a.steps
-            calls[e.name[:90]] += 1
-    n = sum(calls.values()) / a.steps
-    busy = sum(ms.values())
+        times = kernel_times(lambda: [step() for _ in range(a.steps)], a.device)
+    n = sum(k for _, k in times.values()) / a.steps
+    busy = sum(ms for ms, _ in times.values()) / a.steps
     what = "kernels" if gpu else "CPU ops (no graph on a CPU: the eager step)"
-    print(f"\n{name}, context {a.context}, batch {a.batch}: {wall_ms:.3f} ms a step (wall, {a.steps} steps); "
+    print(f"\n{name}, context {a.context}, batch {a.batch}: {wall_ms:.3f} ms a step (wall, median of {a.steps}); "
           f"{n:.0f} {what} a step, {busy:.3f} ms of their time"
           + (f" ({100 * busy / wall_ms:.0f}% of the wall time)" if gpu else "") + f"; the top {a.top}:")
-    for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:a.top]:
-        print(f"  {v:7.4f} ms {100 * v / busy:5.1f}%  x{calls[k] / a.steps:<5.0f} {k}")
+    print_top(times, a.top, per=a.steps)
     return dict(model=name, wall_ms=wall_ms, kernels=n, busy_ms=busy)
 
 
@@ -83,7 +62,7 @@ def main(argv=None):
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         sys.exit("error: --device=cuda, but there is no CUDA device here (--device=cpu runs the CPU path)")
-    models = model_pair(gpu, a.context + a.steps + 16)
+    models = model_pair(gpu, a.context + 2 * a.steps + 16)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     for n in names:
         if n not in models or n == "blalm triton":

@@ -11,11 +11,10 @@ kernels stand between BLaLM and the softmax baseline.
 
 import argparse
 import sys
-from collections import defaultdict
 
 import torch
 
-from bench import model_pair
+from bench import kernel_times, model_pair
 from blalm import BLaLM
 from muon import configure_optimizers
 
@@ -28,7 +27,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_step.py profiles the GPU step: no CUDA device here")
-    from torch.profiler import ProfilerActivity, profile
     models = model_pair(True, a.T)
     for name in a.only.split(","):
         if name not in models:
@@ -50,21 +48,21 @@ def main(argv=None):
         for _ in range(3):  # compile and warm up
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        ms, calls = defaultdict(float), defaultdict(int)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
-                ms[e.name[:90]] += e.self_device_time_total / 1000
-                calls[e.name[:90]] += 1
-        total = sum(ms.values())
-        print(f"\n{name}, T={a.T}, B={x.size(0)}: {total:.2f} ms of GPU time in one step, {sum(calls.values())} "
-              f"kernels; the top {a.top}:")
-        for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:a.top]:
-            print(f"  {v:7.3f} ms {100 * v / total:5.1f}%  x{calls[k]:<4} {k}")
+        times = kernel_times(step)
+        total = sum(ms for ms, _ in times.values())
+        print(f"\n{name}, T={a.T}, B={x.size(0)}: {total:.2f} ms of GPU time in one step, "
+              f"{sum(n for _, n in times.values())} kernels; the top {a.top}:")
+        print_top(times, a.top)
         del model, opt
         torch.cuda.empty_cache()
+
+
+def print_top(times, top, per=1):
+    """The `top` kernels of kernel_times' {name: [ms, launches]}, the largest first: time and launches per `per`
+    calls, and share of the total."""
+    total = sum(ms for ms, _ in times.values())
+    for k, (ms, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {ms / per:7.4f} ms {100 * ms / total:5.1f}%  x{n / per:<5.0f} {k}")
 
 
 if __name__ == "__main__":
