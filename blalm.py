@@ -429,22 +429,35 @@ class MLSTMLayer(nn.Module):
         """x (B, T, C) -> (B, T, C). With a LayerCache the tokens continue the sequence it has seen, the
         first of them at position pos."""
         C = x.size(-1)
-        qkv = self.short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), cache)
+        qkv, o, i, f, mod = self.in_proj(x)
+        qkv = self.short_conv(qkv, cache)
         q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
-        i = self._cap(self.i_gate(x)).transpose(1, 2)                               # (B, NH, T)
-        f = self._cap(self.f_gate(x)).transpose(1, 2)
+        i, f = self._cap(i).transpose(1, 2), self._cap(f).transpose(1, 2)           # (B, NH, T)
         qm, km = (self.fmap_q(q), self.fmap_k(k)) if self.feature_map == "hedgehog" else (q, k)
         h = self.mlstm(qm, km, v, i, f, cache)
         h = F.layer_norm(h.float(), (self.D,)).to(x.dtype)                          # per-head norm
         if self.window:
             y = self.swa(q, k, v, cache, pos)
             if self.modulation:
-                g = torch.sigmoid(self.mod_gate(x)).transpose(1, 2)[..., None]      # (B, NH, T, 1)
+                g = torch.sigmoid(mod).transpose(1, 2)[..., None]                   # (B, NH, T, 1)
                 h = h + g * y
             else:
                 h = 0.5 * (h + y)
-        y = _merge(h) * self.norm_weight * torch.sigmoid(self.o_gate(x))
+        y = _merge(h) * self.norm_weight * torch.sigmoid(o)
         return self.c_proj(y)
+
+    def in_proj(self, x):
+        """x (B, T, C) -> q|k|v (B, T, 3C), o (B, T, C), i, f (B, T, NH), mod (B, T, NH) or None: the layer's
+        input projections (q_proj, k_proj, v_proj, o_gate, i_gate, f_gate, mod_gate) as one matrix product.
+        The parameters stay separate Linears; their weights are stacked here, at run time. One GEMM instead
+        of seven: decoding at batch 1 is launch-bound, and the gates have only n_head outputs each."""
+        C = x.size(-1)
+        gates = [self.i_gate, self.f_gate] + ([self.mod_gate] if self.window and self.modulation else [])
+        W = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_gate.weight]
+                      + [g.weight for g in gates])                                  # (4C + NH * len(gates), C)
+        b = torch.cat([W.new_zeros(4 * C)] + [g.bias for g in gates])               # q, k, v, o have no bias
+        qkv, o, i, f, *mod = F.linear(x, W, b).split([3 * C, C] + [self.n_head] * len(gates), dim=-1)
+        return qkv, o, i, f, (mod[0] if mod else None)
 
     def short_conv(self, qkv, cache):
         """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j} (causal_conv). The

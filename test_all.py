@@ -716,6 +716,57 @@ def test_mlstm_decoding_memory_does_not_grow_with_context():
     assert len(set(sizes)) == 1, f"cache size changed: {sorted(set(sizes))}"
 
 
+def mlstm_layer_per_linear(layer, x):
+    """MLSTMLayer's forward written out with each input projection its own F.linear (x read seven times), the
+    short convolution by F.conv1d and the mLSTM in its parallel form; the SWA branch is the layer's."""
+    C, NH = x.size(-1), layer.n_head
+    lin = lambda m: F.linear(x, m.weight, m.bias)
+    cap = lambda z: layer.softcap * torch.tanh(z / layer.softcap)
+    qkv = torch.cat([lin(layer.q_proj), lin(layer.k_proj), lin(layer.v_proj)], dim=-1)
+    if layer.K:
+        qkv = conv1d_float64(qkv, layer.conv.weight[:, 0, :], layer.conv.bias, None)
+    q, k, v = (t.view(*x.shape[:2], NH, C // NH).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    i, f = (cap(lin(g)).transpose(1, 2) for g in (layer.i_gate, layer.f_gate))
+    h = F.layer_norm(mlstm_parallel(q, k, v, i, f).float(), (C // NH,)).double()   # the layer's norm: float32
+    if layer.window:
+        y = layer.swa(q, k, v, None, 0)
+        h = h + torch.sigmoid(lin(layer.mod_gate)).transpose(1, 2)[..., None] * y if layer.modulation else (h + y) / 2
+    h = h.transpose(1, 2).reshape(x.shape) * layer.norm_weight * torch.sigmoid(lin(layer.o_gate))
+    return F.linear(h, layer.c_proj.weight)
+
+
+class ReadsOf(torch.overrides.TorchFunctionMode):
+    """Records the torch functions called on one tensor (its .size() and attributes left out)."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x, self.calls = x, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if any(a is self.x for a in (*args, *(kwargs or {}).values())) and func.__name__ not in ("size", "__get__"):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("settings", [dict(swa_window=6), dict(swa_window=6, modulation=False),
+                                      dict(swa_window=0), dict(short_conv=0)],
+                         ids=["modulation", "no_modulation", "no_swa", "no_short_conv"])
+def test_mlstm_layer_reads_x_by_one_matmul_and_equals_seven_linears_with_gradients_float64(settings):
+    torch.manual_seed(0)
+    layer = blalm.MLSTMLayer(BLaLMConfig(n_embd=16, n_head=2, **settings)).double()
+    layer.chunk_size = 4                                           # several chunks (the reference is parallel)
+    assert hasattr(layer, "mod_gate") == bool(layer.window and layer.modulation)
+    x = torch.randn(2, 13, 16, dtype=torch.float64, requires_grad=True)
+    with ReadsOf(x) as reads:
+        layer(x)
+    assert reads.calls == ["linear"]
+    names, params = zip(*layer.named_parameters())
+    got = outputs_and_grads(lambda x, *p: layer(x), [x, *params])
+    ref = outputs_and_grads(lambda x, *p: mlstm_layer_per_linear(layer, x), [x, *params])
+    for name, a, r in zip(["y", "x", *names], got, ref):
+        assert rel_err(a, r) <= 1e-10, f"d{name}: {rel_err(a, r):.1e}"
+
+
 @pytest.mark.parametrize("T, window", [(50, 8), (64, 16), (7, 16)])
 def test_sliding_window_attention_both_paths_match_the_banded_softmax_float64(T, window):
     # reference: the definition written plainly, a (T x T) softmax where query t sees keys t-window+1..t
