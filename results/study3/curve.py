@@ -1,8 +1,9 @@
-"""The preset's BLiMP (22 paradigms) and supplement accuracy against words seen, from its milestone checkpoints
-(logs/base.curve.log, eval.py --run: cut off by the call's time limit after the 20M milestone) and its final
-checkpoint (logs/base.eval.json) -> curve.png and the points printed as a table.
+"""A run's BLiMP (22 paradigms) and supplement accuracy against words seen, from its milestone checkpoints
+(logs/RUN.curve.log, eval.py --run) and its final checkpoint (logs/RUN.eval.json) -> curve_RUN.png, and the
+points printed as a table.
 
-    python results/study3/curve.py [RUN]    # RUN defaults to base
+    python results/study3/curve.py              # ep6_do_s3: the preset (6 epochs + dropout 0.1), seed 3
+    python results/study3/curve.py base         # the former preset (4 epochs), seed 1337: cut off after 20M words
 """
 import json
 import re
@@ -25,7 +26,7 @@ def points(run):
     return rows
 
 
-def main(run="base"):
+def main(run="ep6_do_s3"):
     rows = points(run)
     print("| words seen (M) | BLiMP 22 | supplement |\n|---:|---:|---:|")
     for w, b, s in rows:
@@ -39,15 +40,15 @@ def main(run="base"):
         ax.axhline(y, color="gray", lw=0.8, ls="--")
         ax.text(words[0], y + 0.3, name, fontsize=7, color="gray")
     ax.set_xscale("log")
-    ticks = [1, 2, 5, 10, 20, 40]
+    ticks = [1, 2, 5, 10, 20, 40, 60]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("words seen (millions; 10M = one epoch)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"--preset=strict_small ({run}, one seed, one H100)", fontsize=9)
+    ax.set_title(f"{run} (one seed, one H100)", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    out = HERE / "curve.png"
+    out = HERE / f"curve_{run}.png"
     fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
     out.with_suffix(".tmp.png").replace(out)
     print(f"wrote {out.relative_to(HERE.parent.parent)}")
