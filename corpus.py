@@ -13,7 +13,9 @@ corpora -> curated documents -> BPE tokenizer -> flat token bins, written atomic
      about BabyLM.
 2. Curation. The unit of a text file is the *block*: a run of non-blank lines between blank lines (a CHILDES
    transcript, a book paragraph, a OneStopEnglish article). Lines are normalised (NFC, whitespace), hard-wrapped
-   prose blocks are joined into one line, junk lines are dropped, exact duplicate blocks are dropped.
+   prose blocks are joined into one line, junk lines are dropped, exact duplicate blocks are dropped; with
+   sentence_case, a line that starts a sentence gets a capital first letter (CHILDES writes utterances in lower
+   case, the evaluation sets write every sentence with a capital).
    Consecutive blocks of one file are then packed into *documents* of at most `doc_words` words (a block
    longer than that is cut at line boundaries). A document is what validation holds out, what the budget
    counts, what the curriculum orders and what an end-of-text token closes.
@@ -183,6 +185,19 @@ def unwrap_lines(lines):
     return [" ".join(lines)] if 2 * ends <= len(lines) and mean_len >= 50 else lines
 
 
+def sentence_case(lines):
+    """Lines -> (lines, how many changed): the first letter of a line that starts a sentence (the first line, or
+    one after a line that ends one) upper-cased, as written English has it ("what's that?" -> "What's that?").
+    A line after one that does not end a sentence continues it and keeps its case."""
+    out, changed = [], 0
+    for k, line in enumerate(lines):
+        if line[:1].islower() and (k == 0 or _SENTENCE_END.search(lines[k - 1])):
+            line = line[0].upper() + line[1:]
+            changed += 1
+        out.append(line)
+    return out, changed
+
+
 def junk_rule(line):
     """The first rule a line breaks (None for a good line): under half letters, or a long character run."""
     chars = len(line) - line.count(" ")
@@ -244,8 +259,9 @@ def _blocks(lines, doc_words, counts):
         yield block
 
 
-def curate(files, scratch, doc_words=1000, min_doc_words=10, dedup_min_words=8, log=print):
-    """One streaming pass over all files: blocks -> unwrapped, junk-free, deduplicated -> documents.
+def curate(files, scratch, doc_words=1000, min_doc_words=10, dedup_min_words=8, cased=False, log=print):
+    """One streaming pass over all files: blocks -> unwrapped, junk-free (cased: sentence_case), deduplicated ->
+    documents.
 
     Each rule is counted per source, in lines / blocks / documents and in words. A block of at least
     dedup_min_words words is dropped when an identical block came before (short ones such as "Yes," said
@@ -282,6 +298,9 @@ def curate(files, scratch, doc_words=1000, min_doc_words=10, dedup_min_words=8, 
                         kept.append(line)
                 if not kept:
                     continue
+                if cased:
+                    kept, changed = sentence_case(kept)
+                    st["sentence_cased"] += changed
                 text = "\n".join(kept)
                 n = len(text.split())
                 if n >= dedup_min_words:
@@ -566,7 +585,10 @@ def _report(meta, stats, quota, weights, ignored, excluded, synthetic, budget_no
               "Lines are normalised (NFC, whitespace), hard-wrapped paragraphs joined; a line with under half "
               "letters or a character repeated 10 times is junk; a block (run of lines between blank lines) "
               f"of >= 8 words identical to an earlier one is a duplicate; blocks are packed into documents of "
-              f"<= {s['doc_words']} words and documents under {s['min_doc_words']} words are dropped.\n",
+              f"<= {s['doc_words']} words and documents under {s['min_doc_words']} words are dropped."
+              + (" A line that starts a sentence gets a capital first letter (sentence_case: "
+                 + ", ".join(f"{src} {st['sentence_cased']} lines" for src, st in sorted(stats.items())) + ")."
+                 if s.get("sentence_case") else "") + "\n",
               "| source | files | lines | raw words | bytes replaced | non-letter lines (words) | "
               "char-repeat lines (words) | duplicate blocks (words) | short docs (words) | docs kept | words kept |",
               "|---|" + "---:|" * 10]
@@ -624,7 +646,7 @@ def _corpus_files(source):
 
 
 def _settings(source, budget_words, vocab_size, val_fraction, seed, curriculum, tokenizer, sources, exclude,
-              doc_words, min_doc_words, synthetic_words, pairs_per_phenomenon):
+              doc_words, min_doc_words, synthetic_words, pairs_per_phenomenon, sentence_case=False):
     """What a folder is a preparation of, as meta.json's "settings" record it (JSON values): the corpus
     (resolved paths, and its files' paths and sizes) and every setting that changes the output, defaults
     filled in. prepare() writes it; check_prepared() compares with it."""
@@ -638,6 +660,8 @@ def _settings(source, budget_words, vocab_size, val_fraction, seed, curriculum, 
          "val_fraction": float(val_fraction), "seed": int(seed), "curriculum": bool(curriculum),
          "sources": parse_sources(sources), "exclude": sorted({e.strip() for e in exclude.split(",") if e.strip()}),
          "doc_words": int(doc_words), "min_doc_words": int(min_doc_words)}
+    if sentence_case:  # recorded only when on: folders prepared before the option existed still match
+        s["sentence_case"] = True
     if synthetic:  # the size of the generated corpus, when no budget sets it
         s.update(synthetic_words=None if budget_words else int(synthetic_words),
                  pairs_per_phenomenon=int(pairs_per_phenomenon))
@@ -717,14 +741,16 @@ def _publish(tmp, out_dir, outputs):
 
 def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.01, seed=1337, curriculum=False,
             tokenizer="bpe", sources="", exclude=DEFAULT_EXCLUDE, doc_words=1000, min_doc_words=10,
-            synthetic_words=1_000_000, pairs_per_phenomenon=1000, strict_utf8=False, checked=False, verbose=True):
+            synthetic_words=1_000_000, pairs_per_phenomenon=1000, sentence_case=False, strict_utf8=False,
+            checked=False, verbose=True):
     """Corpus -> out_dir/{train.bin, val.bin, tokenizer.tiktoken, meta.json, report.md, readability.png}
     (+ pairs/*.jsonl for the synthetic source). Returns meta.
 
     source: folder / BabyLM folder / text file, several joined by commas, or "synthetic".
     budget_words: training words (None or 0: everything). vocab_size: None or 0: 16384 (1024 for synthetic).
     sources: "name[:weight],..." to use (default: every source found); exclude: sources or single files
-    ("source/stem") to leave out, but never a source named in `sources`.
+    ("source/stem") to leave out, but never a source named in `sources`. sentence_case: capitalise the first
+    letter of every line that starts a sentence (curation's sentence_case).
     Everything is written to a temporary folder next to out_dir and moved in at the end, meta.json last;
     meta.json's "settings" record what it was prepared from and with (see check_prepared). The temporary
     folders that killed runs left next to out_dir are removed first. Every file is read once before the long
@@ -736,7 +762,7 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
     synthetic = str(source) == "synthetic"
     budget_words = int(budget_words) if budget_words else None
     settings = _settings(source, budget_words, vocab_size, val_fraction, seed, curriculum, tokenizer, sources,
-                         exclude, doc_words, min_doc_words, synthetic_words, pairs_per_phenomenon)
+                         exclude, doc_words, min_doc_words, synthetic_words, pairs_per_phenomenon, sentence_case)
     vocab_size = settings["vocab_size"]
     _check_prepare_args(tokenizer, vocab_size, budget_words, doc_words, min_doc_words, val_fraction)
     out_dir = Path(out_dir)
@@ -750,7 +776,7 @@ def prepare(source, out_dir, budget_words=None, vocab_size=None, val_fraction=0.
         files, ignored, wanted, excluded = _source_files(source, tmp, settings, log)
         # curation and selection
         log(f"curating {len(files)} files from sources {sorted(wanted)}")
-        docs, stats = curate(files, tmp / "scratch.txt", doc_words, min_doc_words, log=log)
+        docs, stats = curate(files, tmp / "scratch.txt", doc_words, min_doc_words, cased=sentence_case, log=log)
         if not any(d.split == "train" for d in docs):
             raise ValueError(f"corpus {source} is empty after filtering: no training document is left "
                              f"(sources {sorted(wanted)}; see the junk/duplicate counts: {dict(stats)})")

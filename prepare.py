@@ -34,6 +34,7 @@ class DataConfig:
     min_doc_words: int = 10  # shorter documents are dropped
     synthetic_words: int = 1_000_000  # synthetic corpus size when budget_words is 0
     pairs_per_phenomenon: int = 1000  # synthetic minimal pairs per phenomenon
+    sentence_case: bool = False  # capitalise a line that starts a sentence (CHILDES utterances are lower-case)
     strict_utf8: bool = False  # refuse a file that is not valid UTF-8 (else: a warning, its bad bytes read as U+FFFD)
 
 

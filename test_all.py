@@ -2405,6 +2405,29 @@ def test_curation_counts_each_rule_and_keeps_good_text(tmp_path):
     assert "notes.md" in (tmp_path / "out" / "report.md").read_text()  # ignored files are listed
 
 
+def test_sentence_case_capitalises_sentence_starts_only_and_is_recorded(tmp_path):
+    src = tmp_path / "corpus"
+    (src / "talk").mkdir(parents=True)
+    lines = ["where's the ball?", "there it is.", "and then we went", "to the shop together.", "Yes it is.",
+             "oh dear"]
+    (src / "talk" / "a.txt").write_text("\n".join(lines) + "\n\nwhat's that?\n")
+    kw = dict(vocab_size=280, val_fraction=0.0, min_doc_words=1, verbose=False)
+    meta = corpus.prepare(src, tmp_path / "cased", sentence_case=True, **kw)
+    text = "\n".join(read_split_docs(tmp_path / "cased", "train"))
+    # a line after one that ends a sentence starts one; "to the shop" continues "and then we went"
+    assert text == ("Where's the ball?\nThere it is.\nAnd then we went\nto the shop together.\nYes it is.\n"
+                    "Oh dear\n\nWhat's that?")
+    assert meta["curation"]["talk"]["sentence_cased"] == 5 and meta["settings"]["sentence_case"] is True
+    assert meta["splits"]["train"]["words"] == len(" ".join(lines).split()) + 2  # no word gained or lost
+    assert "sentence_case: talk 5 lines" in (tmp_path / "cased" / "report.md").read_text()
+    plain = corpus.prepare(src, tmp_path / "plain", **kw)
+    assert "sentence_case" not in plain["settings"]  # folders prepared before the option still match
+    assert "where's the ball?\nthere it is." in "\n".join(read_split_docs(tmp_path / "plain", "train"))
+    assert corpus.check_prepared(tmp_path / "plain", src, **kw)
+    with pytest.raises(ValueError, match="sentence_case is None there, True here"):
+        corpus.check_prepared(tmp_path / "plain", src, sentence_case=True, **kw)
+
+
 def write_source(folder, docs):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "docs.txt").write_text("\n\n".join(docs) + "\n")
