@@ -4,6 +4,7 @@
     python results/study3/table.py base ctx1024    # these runs, in this order
     python results/study3/table.py --mean a,b c,d  # mean rows over seeds (comma-joined names), one per group
     python results/study3/table.py --paradigms a,b c,d   # BLiMP 22 by paradigm: a column per group (seed means)
+    python results/study3/table.py --supplement a,b c,d  # the supplement by task, likewise
 
 A run whose evaluation was cut off has NAME.rest.json beside NAME.eval.json: the missing tasks, scored later on the
 same final checkpoint (eval.py --tasks=...); its scores join the row.
@@ -69,13 +70,14 @@ def mean_of(rows):
     return out
 
 
-def paradigms(groups):
-    """A markdown table of the BLiMP paradigms' accuracies, one column per group of runs (their mean), the
-    paradigms ordered by the first group's; the last column is the first group minus the second."""
-    by = [[json.load(open(LOGS / f"{n}.eval.json"))["babylm"]["uids"]["blimp_filtered"] for n in g] for g in groups]
+def by_part(groups, task="blimp_filtered"):
+    """A markdown table of a task's parts (BLiMP's paradigms, the supplement's tasks), one column per group of runs
+    (their mean), the parts ordered by the first group's; the last column is the first group minus the second."""
+    by = [[json.load(open(LOGS / f"{n}.eval.json"))["babylm"]["uids"][task] for n in g] for g in groups]
     cols = [{p: statistics.mean(r[p] for r in runs) for p in runs[0]} for runs in by]
     labels = [" + ".join(g) for g in groups]
-    print("| paradigm | " + " | ".join(labels) + (" | first − second |" if len(cols) > 1 else " |"))
+    head = "paradigm" if task == "blimp_filtered" else "task"
+    print(f"| {head} | " + " | ".join(labels) + (" | first − second |" if len(cols) > 1 else " |"))
     print("|---|" + "---:|" * (len(cols) + (len(cols) > 1)))
     for p in sorted(cols[0], key=cols[0].get):
         cells = [f"{c[p]:.1f}" for c in cols] + ([f"{cols[0][p] - cols[1][p]:+.1f}"] if len(cols) > 1 else [])
@@ -83,8 +85,9 @@ def paradigms(groups):
 
 
 def main(argv):
-    if argv[:1] == ["--paradigms"]:
-        return paradigms([g.split(",") for g in argv[1:]])
+    if argv[:1] in (["--paradigms"], ["--supplement"]):
+        task = "blimp_filtered" if argv[0] == "--paradigms" else "supplement_filtered"
+        return by_part([g.split(",") for g in argv[1:]], task)
     means = argv[:1] == ["--mean"]
     groups = [g.split(",") for g in argv[1:]] if means else [[n] for n in argv]
     if not groups:
