@@ -354,12 +354,14 @@ class HedgehogAttention(CausalSelfAttention):
         q, k = self.fmap_q(q), self.fmap_k(k)
         if cache is None:
             y = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size)
-        elif x.size(1) == 1:
-            y, cache.state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.state)
-            y = y[:, :, None]
         else:
-            y, cache.state = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size,
-                                                        state=cache.state, return_state=True)
+            if x.size(1) == 1:
+                y, state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.state)
+                y = y[:, :, None]
+            else:
+                y, state = linear_attention_chunkwise(q, k, v, chunk_size=self.chunk_size, state=cache.state,
+                                                      return_state=True)
+            cache.update("state", state)
         return self.c_proj(_merge(y))
 
 
@@ -472,7 +474,7 @@ class MLSTMLayer(nn.Module):
         past = cache.conv if cache is not None and cache.conv is not None else qkv.new_zeros(B, self.K - 1, C3)
         u = torch.cat([past, qkv], dim=1)                                            # (B, K-1+T, 3C)
         if cache is not None:
-            cache.conv = u[:, u.size(1) - (self.K - 1):].clone()                     # not a view of all of u
+            cache.update("conv", u[:, u.size(1) - (self.K - 1):].clone())           # not a view of all of u
         return causal_conv(u, self.conv.weight[:, 0, :], self.conv.bias)             # weight (3C, K)
 
     def mlstm(self, q, k, v, i, f, cache):
@@ -492,7 +494,7 @@ class MLSTMLayer(nn.Module):
                 h, state = mlstm_chunkwise(q, k, v, i, f, chunk_size=self.chunk_size, state=state,
                                            return_state=True, kernel=self.kernel)
         if cache is not None:
-            cache.mlstm = state
+            cache.update("mlstm", state)
         return h
 
     def swa(self, q, k, v, cache, pos):
@@ -699,7 +701,6 @@ class BLaLM(nn.Module):
             x = x + self.transformer.wpe(pos.view(1))
         for block, layer in zip(self._decode_blocks or self.transformer.h, cache.layers):
             x = block(x, layer, pos)
-        cache.write_back()
         pos.add_(1)
         logits = self.lm_head(self.transformer.ln_f(x))[:, -1]
         return logits.to(acc_dtype(logits.dtype))

@@ -40,6 +40,16 @@ class LayerCache:
         for name in self.FIELDS:
             setattr(self, name, None)
 
+    def update(self, name, value):
+        """The layer's new state for a field (a tensor or a tuple of them, not views of anything larger). A
+        StaticCache's layer copies it into the tensors it holds, so their memory stays where a CUDA graph reads it
+        (compiled, the copy fuses into the kernel that computes the state); a DecodeCache's takes value itself."""
+        if self.static:
+            for mine, new in zip(_as_tuple(getattr(self, name)), _as_tuple(value), strict=True):
+                mine.copy_(new)
+        else:
+            setattr(self, name, value)
+
     def tensors(self):
         """(field, tensor) for every tensor held (a state tuple gives several)."""
         for name in self.FIELDS:
@@ -102,19 +112,6 @@ class StaticCache(DecodeCache):
                 layer.k = eager.k.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.k)
                 layer.v = eager.v.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.v)
             self.layers.append(layer)
-        self.own = [{name: getattr(layer, name) for name in LayerCache.FIELDS if getattr(layer, name) is not None}
-                    for layer in self.layers]
-
-    def write_back(self):
-        """Copy the states the layers wrote as new tensors (mLSTM, conv, Hedgehog: their decoding code is the
-        eager path's, which replaces a field) into this cache's own tensors, and point the fields back at them:
-        the next step, or the next replay of a captured graph, reads the same memory."""
-        for layer, own in zip(self.layers, self.own):
-            for name, mine in own.items():
-                for a, b in zip(_as_tuple(mine), _as_tuple(getattr(layer, name))):
-                    if a is not b:
-                        a.copy_(b)
-                setattr(layer, name, mine)
 
 
 def sample_next(logits, temperature=1.0, top_k=None):
