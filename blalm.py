@@ -571,8 +571,7 @@ class BLaLMConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        for name, value, allowed in (("mixer", self.mixer, MIXERS), ("feature_map", self.feature_map, FEATURE_MAPS),
-):
+        for name, value, allowed in (("mixer", self.mixer, MIXERS), ("feature_map", self.feature_map, FEATURE_MAPS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
