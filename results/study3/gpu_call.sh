@@ -20,12 +20,14 @@ for name in $(for n in "$@"; do grep "^$n " results/study3/queue.txt; done | gre
   [ -n "$flags" ] && [ ! -f ".bins/$name/meta.json" ] || continue
   $PY prepare.py --source=.corpus --budget_words=10000000 $flags --out=".bins/$name" > "$OUT/prepare_$name.log" 2>&1 &
 done
-# a compiled BLaLM run peaks at 11-17 GB (seen on the H100: nine at once ran out of memory, four fitted), so
-# without JOBS the card's memory decides: one run per 18 GB
+# a compiled BLaLM run holds 13-21 GB, 24 GB with --feature_map=hedgehog (seen on the H100: nine at once ran out
+# of memory; four fitted until, in session five, a resumed one did not), so without JOBS the card's memory decides:
+# one run per 21 GB. Expandable segments keep the cached-but-free blocks of one process from fragmenting.
 if [ -z "${JOBS:-}" ]; then
   mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  export JOBS=$(( mib / 18432 > 0 ? mib / 18432 : 1 ))
+  export JOBS=$(( mib / 21504 > 0 ? mib / 21504 : 1 ))
 fi
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 echo "$(date +%T) JOBS=$JOBS" | tee -a "$OUT/gpu.txt"
 if [ -n "${CURVE:-}" ]; then   # takes one of the JOBS slots
   export JOBS=$(( JOBS > 1 ? JOBS - 1 : 1 ))

@@ -36,7 +36,9 @@ job() {
     echo "$(date +%T) start $name (resume=$resume): $flags"
     # the later --data in $flags wins over COMMON's
     $PY train.py $COMMON $flags ${EXTRA:-} --out_dir="$out" --resume=$resume >> "$out.train.log" 2>&1 \
-      || { echo "$(date +%T) train $name stopped: $(tail -1 "$out.train.log")"; return; }
+      || { echo "$(date +%T) train $name stopped: $(tail -1 "$out.train.log")"
+           # out of GPU memory while the card is shared: the name goes back to the queue, run again after the rest
+           tail -1 "$out.train.log" | grep -q OutOfMemoryError && echo "$name" >> "$ROOT/.oom"; return; }
   fi
   # an evaluation cut off by the time limit writes the tasks it finished (and says "interrupted"): score it again
   if [ -f "$out.eval.json" ] && grep -q '"interrupted"' "$out.eval.json"; then
@@ -49,8 +51,17 @@ job() {
   echo "$(date +%T) $name: $(grep -h '^done' "$out.train.log" | tail -1) | $(tail -1 "$out.eval.log")"
 }
 
+rm -f "$ROOT/.oom"
 for name in "$@"; do
   while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-4}" ]; do wait -n; done
   job "$name" &
 done
 wait
+# the runs that stopped out of memory, once more each (from their last checkpoint), now that the card is free
+if [ -f "$ROOT/.oom" ]; then
+  for name in $(cat "$ROOT/.oom"); do
+    echo "$(date +%T) again after running out of memory: $name"
+    job "$name"
+  done
+  rm -f "$ROOT/.oom"
+fi
