@@ -37,6 +37,7 @@ class LayerCache:
 
     def __init__(self, static=False):
         self.static = static
+        self.in_weights = None   # a StaticCache's copy of an mLSTM layer's stacked input projection (not state)
         for name in self.FIELDS:
             setattr(self, name, None)
 
@@ -88,8 +89,9 @@ class StaticCache(DecodeCache):
     tensor on the device, the same for every row (prompts are left-aligned and advance together).
 
     Built from a DecodeCache that has read the prompts (forward, in the chunkwise form): its fixed-size states
-    are copied, its keys and values written to the slots of their positions. tensors() and nbytes() are
-    DecodeCache's."""
+    are copied, its keys and values written to the slots of their positions. An mLSTM layer's stacked input
+    weights are copied too, once (LayerCache.in_weights: constants, not state). tensors() and nbytes() are
+    DecodeCache's: the state."""
 
     def __init__(self, model, cache, max_len):
         if cache.pos < 1 or max_len < cache.pos:
@@ -112,6 +114,12 @@ class StaticCache(DecodeCache):
                 layer.k = eager.k.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.k)
                 layer.v = eager.v.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.v)
             self.layers.append(layer)
+        # an mLSTM layer's input projections stacked once (MLSTMLayer.in_weights), not at every token: the weights as
+        # they are now, for this cache's decoding
+        for layer, block in zip(self.layers, model.transformer.h):
+            if hasattr(block.mixer, "in_weights"):
+                with torch.no_grad():
+                    layer.in_weights = block.mixer.in_weights()
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

@@ -736,14 +736,15 @@ def mlstm_layer_per_linear(layer, x):
 
 
 class ReadsOf(torch.overrides.TorchFunctionMode):
-    """Records the torch functions called on one tensor (its .size() and attributes left out)."""
+    """Records the torch functions called on one tensor, alone or in a list (its .size() and attributes left out)."""
 
     def __init__(self, x):
         super().__init__()
         self.x, self.calls = x, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if any(a is self.x for a in (*args, *(kwargs or {}).values())) and func.__name__ not in ("size", "__get__"):
+        held = lambda a: a is self.x or isinstance(a, (list, tuple)) and any(b is self.x for b in a)  # torch.cat's list
+        if any(held(a) for a in (*args, *(kwargs or {}).values())) and func.__name__ not in ("size", "__get__"):
             self.calls.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -760,6 +761,9 @@ def test_mlstm_layer_reads_x_by_one_matmul_and_equals_seven_linears_with_gradien
     with ReadsOf(x) as reads:
         layer(x)
     assert reads.calls == ["linear"]
+    W, b = layer.in_weights()                                      # rows padded with zeros to a multiple of 8
+    n = 4 * 16 + 2 * (3 if hasattr(layer, "mod_gate") else 2)
+    assert W.size(0) % 8 == 0 and W.size(0) - n < 8 and not W[n:].any() and not b[n:].any()
     names, params = zip(*layer.named_parameters())
     got = outputs_and_grads(lambda x, *p: layer(x), [x, *params])
     ref = outputs_and_grads(lambda x, *p: mlstm_layer_per_linear(layer, x), [x, *params])
@@ -883,6 +887,24 @@ def test_static_decode_step_logits_equal_full_forward_float64(variant, prefix):
     assert int(static.pos) == 25
     # every tensor updated in place: what a captured CUDA graph reads and writes on every replay
     assert [(l, name, t.data_ptr(), t.shape) for l, name, t in static.tensors()] == addresses
+
+
+def test_static_decode_step_multiplies_the_input_weights_its_cache_stacked_once():
+    # decoding one token must not stack the seven input projections again (a copy of the weights a token): the
+    # StaticCache holds them, stacked when it is built, and decode_step leaves the parameters unread
+    torch.manual_seed(0)
+    model = build(**TINY, **STATIC_VARIANTS["ring_wraps"]).double().eval()
+    idx = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(idx[:, :8], cache=cache)
+        static = decode.StaticCache(model, cache, 9)
+        mixers = [block.mixer for block in model.transformer.h]
+        for layer, mixer in zip(static.layers, mixers):
+            assert all(torch.equal(a, b) for a, b in zip(layer.in_weights, mixer.in_weights()))
+        with ReadsOf(mixers[0].q_proj.weight) as reads:
+            model.decode_step(idx[:, 8:9], static)
+    assert reads.calls == []
 
 
 @pytest.mark.parametrize("variant", ["ring_wraps", "attn", "hedgehog_mixer"])
