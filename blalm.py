@@ -415,6 +415,9 @@ class MLSTMLayer(nn.Module):
         if config.feature_map == "hedgehog":
             self.fmap_q, self.fmap_k = HedgehogFeatureMap(self.D, NH), HedgehogFeatureMap(self.D, NH)
         self.feature_map = config.feature_map
+        # in_weights' rows: q, k, v, o (C each), the gates (n_head each), zero rows up to a multiple of 8
+        n_gates = 3 if self.window and self.modulation else 2
+        self.in_split = [3 * C, C] + [NH] * n_gates + [-(4 * C + NH * n_gates) % 8]
         self.init_gates()
 
     @torch.no_grad()
@@ -453,10 +456,8 @@ class MLSTMLayer(nn.Module):
         input projections (q_proj, k_proj, v_proj, o_gate, i_gate, f_gate, mod_gate) as one matrix product of
         in_weights(), or of the copy a StaticCache holds (decoding: stacked once, not every token)."""
         W, b = cache.in_weights if cache is not None and cache.in_weights is not None else self.in_weights()
-        C, n_gates = x.size(-1), 3 if self.window and self.modulation else 2
-        pad = W.size(0) - 4 * C - n_gates * self.n_head
-        qkv, o, i, f, *mod = F.linear(x, W, b).split([3 * C, C] + [self.n_head] * n_gates + [pad], dim=-1)
-        return qkv, o, i, f, (mod[0] if n_gates == 3 else None)
+        qkv, o, i, f, *mod, _zeros = F.linear(x, W, b).split(self.in_split, dim=-1)
+        return qkv, o, i, f, (mod[0] if mod else None)
 
     def in_weights(self):
         """The input projections' weights stacked, (W, b): rows q | k | v | o | i | f | mod, then zero rows up to
@@ -465,8 +466,7 @@ class MLSTMLayer(nn.Module):
         keep the product's rows 16-byte aligned in bfloat16 (4C + 3 * 7 = 1813 for the preset; 1816 padded),
         which cuBLAS's tensor-core kernels want, in its backward too."""
         gates = [self.i_gate, self.f_gate] + ([self.mod_gate] if self.window and self.modulation else [])
-        C = self.q_proj.weight.size(1)
-        pad = -(4 * C + self.n_head * len(gates)) % 8
+        C, pad = self.q_proj.weight.size(1), self.in_split[-1]
         W = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_gate.weight]
                       + [g.weight for g in gates] + [self.q_proj.weight.new_zeros(pad, C)])
         b = torch.cat([W.new_zeros(4 * C)] + [g.bias for g in gates] + [W.new_zeros(pad)])  # q, k, v, o: no bias
