@@ -2,8 +2,8 @@
 (logs/RUN.curve.log, eval.py --run) and its final checkpoint (logs/RUN.eval.json) -> curve_RUN.png, and the
 points printed as a table.
 
-    python results/study3/curve.py              # ep6_do_s3: the preset (6 epochs + dropout 0.1), seed 3
-    python results/study3/curve.py base         # the former preset (4 epochs), seed 1337: cut off after 20M words
+    python -m results.study3.curve              # ep6_do_s3: the preset (6 epochs + dropout 0.1), seed 3
+    python -m results.study3.curve base         # the former preset (4 epochs), seed 1337: cut off after 20M words
 """
 import json
 import re
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from common import write_atomic
 
 HERE = Path(__file__).resolve().parent
 LINE = re.compile(r"^chck_(\d+)M .*blimp_filtered ([\d.]+), supplement_filtered ([\d.]+)")
@@ -49,8 +51,7 @@ def main(run="ep6_do_s3"):
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     out = HERE / f"curve_{run}.png"
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
-    out.with_suffix(".tmp.png").replace(out)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {out.relative_to(HERE.parent.parent)}")
 
 

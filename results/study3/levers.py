@@ -10,6 +10,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from common import write_atomic
 from results.study3.table import scores
 
 HERE = Path(__file__).resolve().parent
@@ -48,8 +49,7 @@ def main():
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     out = HERE / "levers.png"
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
-    out.with_suffix(".tmp.png").replace(out)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {out.relative_to(HERE.parent.parent)}")
 
 

@@ -36,9 +36,9 @@ job() {
     echo "$(date +%T) start $name (resume=$resume): $flags"
     # the later --data in $flags wins over COMMON's
     $PY train.py $COMMON $flags ${EXTRA:-} --out_dir="$out" --resume=$resume >> "$out.train.log" 2>&1 \
-      || { echo "$(date +%T) train $name stopped: $(tail -1 "$out.train.log")"
+      || { local last; last=$(tail -1 "$out.train.log"); echo "$(date +%T) train $name stopped: $last"
            # out of GPU memory while the card is shared: the name goes back to the queue, run again after the rest
-           tail -1 "$out.train.log" | grep -q OutOfMemoryError && echo "$name" >> "$ROOT/.oom"; return; }
+           grep -q OutOfMemoryError <<< "$last" && echo "$name" >> "$ROOT/.oom"; return; }
   fi
   # an evaluation cut off by the time limit writes the tasks it finished (and says "interrupted"): score it again
   if [ -f "$out.eval.json" ] && grep -q '"interrupted"' "$out.eval.json"; then
