@@ -21,8 +21,9 @@ GROUPS = [
     (PRESET, "preset (6 epochs + dropout 0.1), 3 seeds", "o", "tab:blue"),
     (("adamw_ep6_do", "adamw_ep6_do_s2"), "BLaLM + AdamW, 2 seeds", "s", "tab:orange"),
     (("softmax_ep6_do", "softmax_ep6_do_s2"), "softmax + AdamW, 2 seeds", "v", "tab:red"),
-    (("fmap_hh_ep6",), "+ Hedgehog feature map", "D", "tab:green"),
-    (("cased6_s2",), "+ capitalised sentences", "P", "tab:purple"),
+    (("fmap_hh_ep6", "fmap_hh_ep6_s2"), "+ Hedgehog feature map, 2 seeds", "D", "tab:green"),
+    (("cased6", "cased6_s2"), "+ capitalised sentences, 2 seeds", "P", "tab:purple"),
+    (("swa256_ep6",), "+ SWA window 256", "h", "tab:olive"),
     (("curric6",), "+ readability curriculum", "X", "tab:brown"),
     (("ep6_do_ctx1024",), "+ context 1024", "^", "tab:gray"),
 ]
@@ -46,7 +47,7 @@ def main():
     ax.set_xlabel("BLiMP, 22 shared paradigms (%)")
     ax.set_ylabel("supplement (%)")
     ax.set_title("6-epoch runs, final checkpoints (one H100; shaded: the preset's seed range)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left")  # the softmax points lie at the lower left
     fig.tight_layout()
     out = HERE / "levers.png"
     write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
