@@ -108,7 +108,9 @@ def mlstm_step(q, k, v, i, f, state=None, eps=1e-6):
     ig = torch.exp(i - m_new)                                        # stabilised input gate
     C = fg[..., None, None] * C + ig[..., None, None] * (k[..., :, None] * v[..., None, :])
     n = fg[..., None] * n + ig[..., None] * k
-    num = (q[..., None, :] @ C).squeeze(-2)                          # (B, NH, DV)
+    # q^T C as a product and a sum, not a matmul: under torch.compile the readout can then fuse with the state
+    # update above (a batched matrix-vector product is a cuBLAS kernel of its own: `gemvNSP` in a decode profile)
+    num = (q[..., :, None] * C).sum(-2)                              # (B, NH, DV)
     den = torch.maximum((q * n).sum(-1).abs(), torch.exp(-m_new)) + eps
     h = num / den[..., None]
     return h.to(in_dtype), (C, n, m_new)
