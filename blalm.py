@@ -418,7 +418,7 @@ class MLSTMLayer(nn.Module):
             self.fmap_q, self.fmap_k = HedgehogFeatureMap(self.D, NH), HedgehogFeatureMap(self.D, NH)
         self.feature_map = config.feature_map
         # in_weights' rows: q, k, v, o (C each), the gates (n_head each), zero rows up to a multiple of 8
-        n_gates = 3 if self.window and self.modulation else 2
+        n_gates = len(self.gates())
         self.in_split = [3 * C, C] + [NH] * n_gates + [-(4 * C + NH * n_gates) % 8]
         self.init_gates()
 
@@ -467,12 +467,15 @@ class MLSTMLayer(nn.Module):
         seven: decoding at batch 1 is launch-bound, and the gates have only n_head outputs each. The zero rows
         keep the product's rows 16-byte aligned in bfloat16 (4C + 3 * 7 = 1813 for the preset; 1816 padded),
         which cuBLAS's tensor-core kernels want, in its backward too."""
-        gates = [self.i_gate, self.f_gate] + ([self.mod_gate] if self.window and self.modulation else [])
         C, pad = self.q_proj.weight.size(1), self.in_split[-1]
         W = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_gate.weight]
-                      + [g.weight for g in gates] + [self.q_proj.weight.new_zeros(pad, C)])
-        b = torch.cat([W.new_zeros(4 * C)] + [g.bias for g in gates] + [W.new_zeros(pad)])  # q, k, v, o: no bias
+                      + [g.weight for g in self.gates()] + [self.q_proj.weight.new_zeros(pad, C)])
+        b = torch.cat([W.new_zeros(4 * C)] + [g.bias for g in self.gates()] + [W.new_zeros(pad)])  # q, k, v, o: no bias
         return W, b
+
+    def gates(self):
+        """The gate projections in in_weights' order: i, f, and the SWA modulation's where the layer has one."""
+        return [self.i_gate, self.f_gate] + ([self.mod_gate] if self.window and self.modulation else [])
 
     def short_conv(self, qkv, cache):
         """Causal depthwise conv over the 3C channels: y_t = bias + sum_j w_j x_{t-K+1+j} (causal_conv). The

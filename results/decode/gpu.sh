@@ -2,8 +2,8 @@
 # Issue 19 (fast generation) on one GPU, about 5 minutes (8 at most, the parts' limits): the CUDA decode tests,
 # bench.py --suite=decode, the batch-1 step's profile (profile_decode.py, issue 28), sample.py end to end on a
 # freshly made checkpoint of the strict_small shape (two training steps on the built-in synthetic corpus: its
-# tokens/s, not its text, is the point), then the decode suite again with the blocks compiled for decoding. Every part has its own time limit and log, and a failing
-# part does not stop the next one.
+# tokens/s, not its text, is the point), then the decode suite again with the blocks compiled for decoding. Every
+# part has its own time limit and log, and a failing part does not stop the next one.
 #
 #     bash results/decode/gpu.sh          # logs go to $OUT (default results/decode/out): 8 files at most
 set -u
