@@ -1,10 +1,11 @@
-"""Every 6-epoch run of the study on one picture: BLiMP (22 paradigms) against the supplement, final checkpoints,
-with the preset's seed range shaded and GPT-BERT's scores marked -> levers.png, and the points printed.
+"""Every 6-epoch run of the study on one picture, final checkpoints, in two panels: BLiMP (22 paradigms) against the
+supplement, and entity tracking against eye-tracking (% of the possible R² gain), each with the window-128 recipe's
+three-seed range shaded and GPT-BERT's scores marked -> levers.png, and the points printed.
 
     python -m results.study3.levers          # from the repository root
 
-A lever whose point sits inside the shaded box did not move the zero-shot scores beyond what the preset's own
-seeds span; the target is up and to the right of every run.
+A lever whose point sits inside the shaded box did not move those scores beyond what the recipe's own seeds span;
+the target is up and to the right of every run.
 """
 from pathlib import Path
 
@@ -15,42 +16,59 @@ from results.study3.table import scores
 
 HERE = Path(__file__).resolve().parent
 
-PRESET = ("ep6_do", "ep6_do_s2", "ep6_do_s3")
+# the reference every lever was measured against: 6 epochs + dropout 0.1, SWA window 128 (the preset until
+# session seven moved its window to 256)
+REFERENCE = ("ep6_do", "ep6_do_s2", "ep6_do_s3")
 # (runs, label, marker, colour): the 6-epoch recipe's arms and its one-change levers
 GROUPS = [
-    (PRESET, "preset (6 epochs + dropout 0.1), 3 seeds", "o", "tab:blue"),
+    (REFERENCE, "6 epochs + dropout 0.1, window 128, 3 seeds", "o", "tab:blue"),
+    (("swa256_ep6", "swa256_ep6_s2"), "SWA window 256 (the preset), 2 seeds", "h", "tab:olive"),
+    (("swa512_ep6", "swa512_ep6_s2"), "SWA window 512, 2 seeds", "p", "tab:cyan"),
     (("adamw_ep6_do", "adamw_ep6_do_s2"), "BLaLM + AdamW, 2 seeds", "s", "tab:orange"),
     (("softmax_ep6_do", "softmax_ep6_do_s2"), "softmax + AdamW, 2 seeds", "v", "tab:red"),
     (("fmap_hh_ep6", "fmap_hh_ep6_s2"), "+ Hedgehog feature map, 2 seeds", "D", "tab:green"),
     (("cased6", "cased6_s2"), "+ capitalised sentences, 2 seeds", "P", "tab:purple"),
-    (("swa256_ep6",), "+ SWA window 256", "h", "tab:olive"),
     (("curric6",), "+ readability curriculum", "X", "tab:brown"),
     (("ep6_do_ctx1024",), "+ context 1024", "^", "tab:gray"),
 ]
-GPT_BERT = (71.66, 63.21)   # baselines.md: BLiMP on all 67 paradigms, supplement
+# baselines.md: BLiMP on all 67 paradigms, supplement, entity tracking, eye-tracking
+GPT_BERT = {"BLiMP 22": 71.66, "supplement": 63.21, "entity tracking": 33.96, "eye-tracking": 9.89}
+PANELS = [("BLiMP 22", "supplement", "BLiMP, 22 shared paradigms (%)", "supplement (%)"),
+          ("entity tracking", "eye-tracking", "entity tracking (%; chance 20)", "eye-tracking (% of the possible R²)")]
+
+
+def points_of(run):
+    s = scores(run)
+    return {**s, "eye-tracking": s["reading eye / SPR"][0]}
 
 
 def main():
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    preset = [scores(run) for run in PRESET]
-    blimp, supp = [s["BLiMP 22"] for s in preset], [s["supplement"] for s in preset]
-    ax.axvspan(min(blimp), max(blimp), color="tab:blue", alpha=0.08, lw=0)
-    ax.axhspan(min(supp), max(supp), color="tab:blue", alpha=0.08, lw=0)
-    print("| run | BLiMP 22 | supplement |\n|---|---:|---:|")
-    for runs, label, marker, colour in GROUPS:
-        points = [(s["BLiMP 22"], s["supplement"]) for s in map(scores, runs)]
-        for run, (b, s) in zip(runs, points):
-            print(f"| {run} | {b:.1f} | {s:.1f} |")
-        ax.scatter(*zip(*points), marker=marker, color=colour, label=label, s=36)
-    ax.scatter(*GPT_BERT, marker="*", s=160, color="black", label="GPT-BERT (the target; BLiMP on all 67)")
-    ax.set_xlabel("BLiMP, 22 shared paradigms (%)")
-    ax.set_ylabel("supplement (%)")
-    ax.set_title("6-epoch runs, final checkpoints (one H100; shaded: the preset's seed range)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")  # the softmax points lie at the lower left
+    fig = Figure(figsize=(11, 4.4))
+    runs = {run: points_of(run) for group in GROUPS for run in group[0]}
+    print("| run | BLiMP 22 | supplement | entity tracking | eye-tracking |\n|---|---:|---:|---:|---:|")
+    for run, s in runs.items():
+        print(f"| {run} | {s['BLiMP 22']:.1f} | {s['supplement']:.1f} | {s['entity tracking']:.1f} "
+              f"| {s['eye-tracking']:.2f} |")
+    for i, (x, y, xlabel, ylabel) in enumerate(PANELS):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ref = [runs[run] for run in REFERENCE]
+        ax.axvspan(min(s[x] for s in ref), max(s[x] for s in ref), color="tab:blue", alpha=0.08, lw=0)
+        ax.axhspan(min(s[y] for s in ref), max(s[y] for s in ref), color="tab:blue", alpha=0.08, lw=0)
+        for group, label, marker, colour in GROUPS:
+            ax.scatter([runs[r][x] for r in group], [runs[r][y] for r in group], marker=marker, color=colour,
+                       label=label, s=36)
+        if i == 0:   # GPT-BERT's eye-tracking (9.89) is far off the second panel's scale: it is named in the title
+            ax.scatter(GPT_BERT[x], GPT_BERT[y], marker="*", s=160, color="black",
+                       label="GPT-BERT (the target; BLiMP on all 67)")
+            ax.legend(fontsize=7, loc="upper left")  # the softmax points lie at the lower left
+        else:
+            ax.set_title(f"GPT-BERT: {GPT_BERT[x]} / {GPT_BERT[y]}, off the scale", fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    fig.suptitle("6-epoch runs, final checkpoints (one H100; shaded: the window-128 recipe's seed range)", fontsize=10)
     fig.tight_layout()
     out = HERE / "levers.png"
-    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=110))
     print(f"wrote {out.relative_to(HERE.parent.parent)}")
 
 
