@@ -525,7 +525,7 @@ class MLSTMLayer(nn.Module):
             flex = self.training and q.is_cuda and torch.compiler.is_compiling()
             return (sliding_window_attention_flex if flex else sliding_window_attention)(qr, kr, v, self.window)
         if static:
-            return ring_attention_step(qr, kr, v, cache.k, cache.v, pos, written_out=True)   # a window's ring
+            return ring_attention_step(qr, kr, v, cache.k, cache.v, pos)
         if cache.k is not None:
             kr, v = torch.cat([cache.k, kr], 2), torch.cat([cache.v, v], 2)
         S = kr.size(2)

@@ -5,38 +5,26 @@ updated in place, positions as a device tensor: BLaLM.decode_step), the ring-buf
 branch and the softmax baseline's static KV cache use, sampling on the device, and CUDA-graph capture.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from hedgehog import acc_dtype
 
 
-def ring_attention_step(q, k, v, k_ring, v_ring, pos, written_out=False):
+def ring_attention_step(q, k, v, k_ring, v_ring, pos):
     """One query per row at position pos (a 0-dim int64 tensor) against keys kept in a ring buffer of S slots:
     q, k, v (B, NH, 1, D); k_ring, v_ring (B, NH, S, D), updated in place -> y (B, NH, 1, D).
 
     The new key and value go to slot pos % S; slot s then holds the key of position pos - (pos - s) % S, and
     has been written once s <= pos. With S = window this is the sliding window (query pos sees keys
     pos-window+1..pos); with S larger than every position, a plain static KV cache. Slot and mask come from the
-    position tensor: fixed shapes, nothing read back to the host, so a CUDA graph can capture it.
-
-    written_out=True spells the softmax out (scores, masked softmax, weighted sum, in the accumulation dtype)
-    instead of calling scaled_dot_product_attention: compiled, it then fuses with the kernels around it rather
-    than being a library kernel of its own, which pays for a short ring (the SWA branch's window), not for a long
-    KV cache."""
+    position tensor: fixed shapes, nothing read back to the host, so a CUDA graph can capture it."""
     S = k_ring.size(2)
     slot = (pos % S).view(1)
     k_ring.index_copy_(2, slot, k.to(k_ring.dtype))
     v_ring.index_copy_(2, slot, v.to(v_ring.dtype))
     written = torch.arange(S, device=q.device) <= pos                  # (S,)
-    if not written_out:
-        return F.scaled_dot_product_attention(q, k_ring, v_ring, attn_mask=written[None])
-    dt = acc_dtype(q.dtype)
-    scores = (q.to(dt) * k_ring.to(dt)).sum(-1) / math.sqrt(q.size(-1))       # (B, NH, S)
-    p = torch.softmax(scores.masked_fill(~written, float("-inf")), dim=-1)    # slot pos % S is always written
-    return (p[..., None] * v_ring.to(dt)).sum(-2, keepdim=True).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k_ring, v_ring, attn_mask=written[None])
 
 
 class LayerCache:
