@@ -18,7 +18,10 @@ again plus the reductions for dw; even compiled they stay several memory-bound k
 forward+backward at the strict_small shape on an H200). Here the forward is one pass: a program reads its
 (BLOCK_T, BLOCK_C) tile of x once per tap (the K shifted reads overlap, so after the first they come from the
 cache) and writes y once. The backward is one pass too: it writes dx and, for its block of rows, partial sums
-of dw and dbias (float32), which PyTorch adds up over the blocks (no atomics: the sums are deterministic).
+of dw and dbias (float32), which PyTorch adds up over the blocks (no atomics: the sums are deterministic). Within
+a program the products dy_t u_{t+j} are summed elementwise, one (tap, row, channel) tile, and reduced over the
+rows once at its end: a sum across a tile's rows crosses warps (shared memory and a barrier), which done per tap
+and per tile made the backward about 6x the forward's time (`_conv_bwd` in results/kernels/h200/profile.log).
 
 Precision: products and sums in float32 whatever the input dtype; y and dx are rounded once, to x's dtype;
 dw and dbias take the parameters' dtypes. (The PyTorch form rounds every multiply-add to x's dtype.)
@@ -44,13 +47,14 @@ except ImportError as e:
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BLOCK_T, BLOCK_C = 32, 128     # a tile: 32 time steps x 128 channels (256 contiguous bytes a row in bfloat16)
+BLOCK_T_BWD = 8                # the backward's tiles: 8 steps, so that K tiles of dw sums fit in registers
 ROWS_BWD = 256                 # time steps a backward program walks through: one partial dw row per 256 steps
 
 
 @triton.jit
 def _shifted(X, PAST, b, s, c, T, C, K: tl.constexpr, HAS_PAST: tl.constexpr):
-    """u at time s (BLOCK_T, 1) of batch b, channels c (1, BLOCK_C), as float32: x[b, s] for 0 <= s < T,
-    past[b, K-1+s] for s < 0 when there is a past, else 0."""
+    """u at times s of batch b, channels c, as float32, in the shape s and c broadcast to ((BLOCK_T, 1) and
+    (1, BLOCK_C) make a tile): x[b, s] for 0 <= s < T, past[b, K-1+s] for s < 0 when there is a past, else 0."""
     cm = c < C
     u = tl.load(X + (b * T + s) * C + c, mask=(s >= 0) & (s < T) & cm, other=0.0).to(tl.float32)
     if HAS_PAST:
@@ -86,23 +90,26 @@ def _conv_bwd(X, PAST, W, DY, DX, DW_PART, DB_PART, T, C, n_row_blocks,
     t0 = (pid % n_row_blocks) * ROWS
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cm = c < C
-    tap = tl.arange(0, KP)[:, None]                             # (KP, 1): K padded to a power of two
-    dw = tl.zeros((KP, BLOCK_C), dtype=tl.float32)              # this program's share of dw (taps x channels)
-    db = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    tap = tl.arange(0, KP)[:, None, None]                       # (KP, 1, 1): K padded to a power of two
+    # this program's share of dw and dbias, summed elementwise over its rows and reduced at the end
+    dw = tl.zeros((KP, BLOCK_T, BLOCK_C), dtype=tl.float32)     # [j, row, channel]: dy_t u_{t+j}
+    db = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for r in range(0, ROWS, BLOCK_T):
-        t = t0 + r + tl.arange(0, BLOCK_T)[:, None]
+        t = t0 + r + tl.arange(0, BLOCK_T)[:, None]             # (BLOCK_T, 1)
         dy = tl.load(DY + (b * T + t) * C + c, mask=(t < T) & cm, other=0.0).to(tl.float32)
-        db += tl.sum(dy, axis=0)[None, :]
+        db += dy
         dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for j in tl.static_range(K):
             w = tl.load(W + c * K + j, mask=cm, other=0.0).to(tl.float32)
             s = t + (K - 1 - j)                                 # dx_t = sum_j w_j dy_{t+K-1-j}
             dx += w * tl.load(DY + (b * T + s) * C + c, mask=(s < T) & cm, other=0.0).to(tl.float32)
-            g = tl.sum(dy * _shifted(X, PAST, b, t + j - (K - 1), c, T, C, K, HAS_PAST), axis=0)
-            dw += tl.where(tap == j, g[None, :], 0.0)           # dw_j += sum_t dy_t u_{t+j}
         tl.store(DX + (b * T + t) * C + c, dx.to(DX.dtype.element_ty), mask=(t < T) & cm)
-    tl.store(DW_PART + (pid * K + tap) * C + c, dw, mask=(tap < K) & cm)
-    tl.store(DB_PART + pid * C + c, db, mask=cm)
+        # every tap at once: u_{t+j} for j < KP as one (KP, BLOCK_T, BLOCK_C) load (the padded taps j >= K read
+        # u after t, or zeros, and are not stored)
+        dw += dy[None, :, :] * _shifted(X, PAST, b, t[None, :, :] + tap - (K - 1), c[None, :, :], T, C, K, HAS_PAST)
+    tap = tl.arange(0, KP)[:, None]
+    tl.store(DW_PART + (pid * K + tap) * C + c, tl.sum(dw, axis=1), mask=(tap < K) & cm)
+    tl.store(DB_PART + pid * C + c, tl.sum(db, axis=0)[None, :], mask=cm)
 
 
 class ShortConv(torch.autograd.Function):
@@ -129,7 +136,7 @@ class ShortConv(torch.autograd.Function):
         dy = dy.contiguous()
         B, T, C = x.shape
         K = w.size(-1)
-        rows = min(ROWS_BWD, max(BLOCK_T, triton.next_power_of_2(T)))     # short sequences: fewer empty steps
+        rows = min(ROWS_BWD, max(BLOCK_T_BWD, triton.next_power_of_2(T)))  # short sequences: fewer empty steps
         n_row_blocks = triton.cdiv(T, rows)
         dx = torch.empty_like(x)
         dw_part = torch.empty(B * n_row_blocks, K, C, dtype=torch.float32, device=x.device)
@@ -137,7 +144,7 @@ class ShortConv(torch.autograd.Function):
         grid = (B * n_row_blocks, triton.cdiv(C, BLOCK_C))
         _conv_bwd[grid](x, past if past is not None else x, w, dy, dx, dw_part, db_part, T, C, n_row_blocks,
                         K=K, KP=triton.next_power_of_2(K), HAS_PAST=past is not None,
-                        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, ROWS=rows)
+                        BLOCK_T=BLOCK_T_BWD, BLOCK_C=BLOCK_C, ROWS=rows)
         dw = dw_part.sum(0).t().to(w.dtype)                                   # (C, K)
         db = db_part.sum(0).to(w.dtype) if ctx.has_bias else None
         dpast = None

@@ -556,10 +556,10 @@ def test_causal_conv_of_the_layer_matches_conv1d_float64():
                                                      (3, True, False, True)])     # K = 3: taps padded to 4
 def test_triton_short_conv_matches_conv1d_float64_outputs_and_gradients(K, past, bias, small_tiles, monkeypatch):
     # small tiles: several blocks of rows and channels (37 = 16+16+5 steps, 24 = 16+8 channels; the backward
-    # walks 32 rows a program), so block edges, masks and the sum of dw over blocks are all exercised
+    # walks 32 rows a program in tiles of 8), so block edges, masks and the sum of dw over blocks are all exercised
     import conv_triton
     if small_tiles:
-        for name, value in (("BLOCK_T", 16), ("BLOCK_C", 16), ("ROWS_BWD", 32)):
+        for name, value in (("BLOCK_T", 16), ("BLOCK_C", 16), ("BLOCK_T_BWD", 8), ("ROWS_BWD", 32)):
             monkeypatch.setattr(conv_triton, name, value)
     inputs = conv_inputs(T=37, C=24, K=K, past=past, bias=bias, seed=K)
     got = conv_outputs_and_grads(conv_triton.short_conv, inputs)
