@@ -112,8 +112,8 @@ PRESETS = {
     # annealed to 0 over the last 30% (the final checkpoint is the best one), weight decay 0.1 on Muon's matrices
     # (results/study2), and 6 epochs with dropout 0.1: below 4 epochs without in validation loss for each of three
     # seeds, BLiMP 22 +0.6 on the means, about the seed spread (results/study3). SWA window 256, not 128: in both
-    # seeds higher on the supplement, entity tracking and eye-tracking, level on loss and BLiMP; 512 is worse
-    # (results/study3). STRICT keeps the same model (its window unmeasured at 100M words)
+    # seeds higher on the supplement, entity tracking and eye-tracking, level on loss and BLiMP, each gain within
+    # the seed spread; 512 is worse (results/study3). STRICT keeps the same model (its window unmeasured at 100M)
     "strict_small": dict(budget_words=10_000_000, vocab_size=16384, block_size=512, n_layer=12, n_head=7,
                          n_embd=448, swa_window=256, batch_size=64, max_iters=0, max_epochs=6, dropout=0.1,
                          schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0, weight_decay=0.1, eval_interval=250,
