@@ -55,7 +55,9 @@ class BenchConfig:
     json: str = ""            # write the results here too
     tokens: int = 65536       # B * T of the kernel suite
     lengths: str = "512,2048,8192,32768"
-    window: int = 128         # SWA window
+    window: int = 128         # SWA window of the kernel suite's attention rows
+    model_window: int = 64    # the BLaLM models' SWA window (train, decode suites): BLaLMConfig's default, the window
+                              # of every committed train / decode log; the strict_small preset trains at 256
     repeat: int = 20
     only: str = ""            # only the mixers / models whose name matches one of these patterns: "sdpa*,nx-ai*"
     train_lengths: str = "512,2048"   # sequence lengths of the train and optim suites on a GPU
@@ -378,14 +380,15 @@ def bench_short_conv(c, device, gpu):
     return rows
 
 
-def model_pair(gpu, T):
-    """-> {name: (config, kernels)}: BLaLM (the strict_small shape), with the fused Triton kernels too where
-    triton is installed, and the softmax baseline of the same width and depth."""
+def model_pair(gpu, T, window=BLaLMConfig.swa_window):
+    """-> {name: (config, kernels)}: BLaLM (the strict_small shape, SWA window `window`), with the fused Triton
+    kernels too where triton is installed, and the softmax baseline of the same width and depth."""
     shape = dict(n_layer=12, n_head=7, n_embd=448, vocab_size=16384) if gpu else \
         dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256)
-    models = {"blalm": (BLaLMConfig(block_size=T, **shape), "torch")}
+    blalm = BLaLMConfig(block_size=T, swa_window=min(window, T), **shape)
+    models = {"blalm": (blalm, "torch")}
     if gpu and importlib.util.find_spec("triton") is not None:
-        models["blalm triton"] = (BLaLMConfig(block_size=T, **shape), "triton")
+        models["blalm triton"] = (blalm, "triton")
     models["softmax"] = (BLaLMConfig(block_size=T, mixer="attn", bias=True, **shape), "torch")
     return models
 
@@ -395,7 +398,7 @@ def bench_train(c, device, gpu, with_optim=False):
     peak_flops = device_peak_flops(device)
     for T in ([int(t) for t in c.train_lengths.split(",")] if gpu else [64]):
         B = max(1, (32768 if gpu else 256) // T)
-        for name, (cfg, kernels) in model_pair(gpu, T).items():
+        for name, (cfg, kernels) in model_pair(gpu, T, c.model_window).items():
             if not selected(c, name):
                 continue
             # every model compiled from scratch: the blocks of all models share Block.forward's code, so without a
@@ -550,7 +553,7 @@ def bench_decode(c, device, gpu):
     room = max(128, c.repeat + 8)   # positions beyond the context that the caches hold (warm-up and timed steps)
     passes = [p for p in ([m for m in modes if m in ("eager", "static", "graph", "generate")],
                           [m for m in modes if m in ("compiled", "generate_compiled")]) if p]
-    for name, (cfg, kernels) in model_pair(gpu, max(contexts) + room).items():
+    for name, (cfg, kernels) in model_pair(gpu, max(contexts) + room, c.model_window).items():
         if name == "blalm triton" or not selected(c, name):  # decoding is one mlstm_step per token: no chunkwise kernel
             continue
         torch.manual_seed(0)
@@ -600,6 +603,9 @@ def main(argv):
     for s in suites:
         if s not in ("kernels", "train", "decode", "optim"):
             raise ValueError(f"--suite={c.suite!r} is not one of kernels, train, decode, optim, all")
+    for key in ("window", "model_window"):
+        if getattr(c, key) < 1:
+            raise ValueError(f"--{key}={getattr(c, key)}: expected a window of at least 1 token")
     device = pick_device(c.device)
     gpu = device.startswith("cuda")
     if gpu:

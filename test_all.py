@@ -5394,6 +5394,19 @@ def test_bench_only_runs_the_rows_it_names_and_gives_ratios_to_sdpa():
     assert len(conv) == 1 and conv[0]["ms"] > 0 and conv[0]["vs_torch_conv"] == 1.0   # the CPU has the eager row only
 
 
+def test_bench_models_take_the_window_they_are_given_and_refuse_an_empty_one(monkeypatch):
+    # the train and decode suites' BLaLM once took BLaLMConfig's window whatever the preset trained at: the window
+    # is now a flag, seen by the model each suite builds
+    built = []
+    monkeypatch.setattr(bench, "BLaLM", lambda cfg, _real=bench.BLaLM: built.append(cfg) or _real(cfg))
+    bench.main(["--suite=train", "--repeat=1", "--device=cpu", "--only=blalm", "--model_window=16"])
+    assert [cfg.swa_window for cfg in built] == [16]
+    models = bench.model_pair(False, 32, window=512)              # a window longer than the model's context
+    assert models["blalm"][0].swa_window == 32 and models["softmax"][0].mixer == "attn"
+    with pytest.raises(ValueError, match="--model_window=0"):
+        bench.main(["--suite=train", "--model_window=0"])
+
+
 def test_bench_peer_that_aborts_or_hangs_costs_only_its_own_rows(tmp_path, capsys):
     # a peer's process writes a row per length as it goes; one that aborts after the first length keeps that row,
     # and the lengths it did not reach say why; one that hangs is killed at the time limit

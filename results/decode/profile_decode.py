@@ -18,7 +18,7 @@ import sys
 import torch
 
 from bench import decode_steps, kernel_times, model_pair, timed
-from blalm import BLaLM
+from blalm import BLaLM, BLaLMConfig
 from results.kernels.profile_step import print_top
 
 
@@ -55,14 +55,17 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--only", default="blalm,softmax", help="comma-separated model names of bench.model_pair")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--window", type=int, default=BLaLMConfig.swa_window,
+                    help="BLaLM's SWA window (default: BLaLMConfig's, the committed logs' window; the "
+                         "strict_small preset's is 256)")
     a = ap.parse_args(argv)
-    for key in ("context", "batch", "steps", "top"):
+    for key in ("context", "batch", "steps", "top", "window"):
         if getattr(a, key) < 1:
             sys.exit(f"error: --{key}={getattr(a, key)} must be >= 1")
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         sys.exit("error: --device=cuda, but there is no CUDA device here (--device=cpu runs the CPU path)")
-    models = model_pair(gpu, a.context + 2 * a.steps + 16)
+    models = model_pair(gpu, a.context + 2 * a.steps + 16, a.window)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     for n in names:
         if n not in models or n == "blalm triton":

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from bench import kernel_times, model_pair
-from blalm import BLaLM
+from blalm import BLaLM, BLaLMConfig
 from muon import configure_optimizers
 
 
@@ -24,10 +24,15 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--only", default="blalm triton,softmax", help="comma-separated model names of bench.model_pair")
+    ap.add_argument("--window", type=int, default=BLaLMConfig.swa_window,
+                    help="BLaLM's SWA window (default: BLaLMConfig's, the committed logs' window; the "
+                         "strict_small preset's is 256)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_step.py profiles the GPU step: no CUDA device here")
-    models = model_pair(True, a.T)
+    if a.window < 1:
+        sys.exit(f"--window={a.window}: expected a window of at least 1 token")
+    models = model_pair(True, a.T, a.window)
     for name in a.only.split(","):
         if name not in models:
             sys.exit(f"--only: {name!r} is not one of {sorted(models)}")
