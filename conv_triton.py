@@ -107,8 +107,8 @@ def _conv_bwd(X, PAST, W, DY, DX, DW_PART, DB_PART, T, C, n_row_blocks,
         # every tap at once: u_{t+j} for j < KP as one (KP, BLOCK_T, BLOCK_C) load (the padded taps j >= K read
         # u after t, or zeros, and are not stored)
         dw += dy[None, :, :] * _shifted(X, PAST, b, t[None, :, :] + tap - (K - 1), c[None, :, :], T, C, K, HAS_PAST)
-    tap = tl.arange(0, KP)[:, None]
-    tl.store(DW_PART + (pid * K + tap) * C + c, tl.sum(dw, axis=1), mask=(tap < K) & cm)
+    taps = tl.arange(0, KP)[:, None]                            # (KP, 1): dw's rows
+    tl.store(DW_PART + (pid * K + taps) * C + c, tl.sum(dw, axis=1), mask=(taps < K) & cm)
     tl.store(DB_PART + pid * C + c, tl.sum(db, axis=0)[None, :], mask=cm)
 
 

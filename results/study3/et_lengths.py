@@ -52,7 +52,6 @@ def main(argv=None):
         windows = [int(w) for w in a.windows.split(",")]
     except ValueError:
         sys.exit(f"et_lengths.py: --windows={a.windows!r}: expected comma-separated integers such as 128,256")
-    enc = load_tokenizer(a.data)
     groups = [g.split("+") for g in a.runs.split(",") if g]
     accuracy = {"+".join(g): [et_by_ops(run) for run in g] for g in groups}  # before the long part: names checked
     enc = load_tokenizer(a.data)

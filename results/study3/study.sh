@@ -19,8 +19,7 @@ PY=${PY:-python3}
 # that each line keeps meaning the run it made after the preset moved to 6 epochs + dropout 0.1 and then to the
 # window 256 (the study's results)
 COMMON="--preset=strict_small --max_epochs=4 --dropout=0.0 --swa_window=128 --data=$D --eval_pairs=none"
-COMMON="$COMMON --log_interval=50"
-COMMON="$COMMON --eval_iters=20 --eval_interval=100"
+COMMON="$COMMON --log_interval=50 --eval_iters=20 --eval_interval=100"
 mkdir -p "$ROOT"
 
 # a line's flags, without a trailing "# comment"
