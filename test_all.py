@@ -3651,7 +3651,7 @@ def test_presets_set_the_babylm_budgets_and_flags_override_them():
     c, m = train.parse_config(["--preset=strict_small", "--n_layer=3"])
     assert c.budget_words == 10_000_000 and c.max_epochs <= 10 and m.n_layer == 3 and m.block_size == 512
     assert (c.schedule, c.min_lr_ratio, c.weight_decay) == ("wsd", 0.0, 0.1)  # results/study2
-    assert (c.max_epochs, m.dropout, m.swa_window) == (6, 0.1, 256)           # results/study3
+    assert (c.max_epochs, m.dropout, m.swa_window) == (6, 0.1, 128)           # results/study3
     assert train.parse_config(["--preset=strict"])[0].budget_words == 100_000_000
     c, m = train.parse_config([])     # the model's defaults have one source: BLaLMConfig
     assert m == BLaLMConfig(vocab_size=1)

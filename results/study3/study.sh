@@ -16,8 +16,8 @@ E=${EVAL:-.evaldata/babylm_eval}
 ROOT=runs/study3
 PY=${PY:-python3}
 # the preset as the study ran it (4 epochs, no dropout, SWA window 128): queue.txt's flags are on top of this, so
-# that each line keeps meaning the run it made after the preset moved to 6 epochs + dropout 0.1 and then to the
-# window 256 (the study's results)
+# that each line keeps meaning the run it made after the preset moved to 6 epochs + dropout 0.1 (the study's
+# result; its window went to 256 in session seven and back to 128 in session eight)
 COMMON="--preset=strict_small --max_epochs=4 --dropout=0.0 --swa_window=128 --data=$D --eval_pairs=none"
 COMMON="$COMMON --log_interval=50 --eval_iters=20 --eval_interval=100"
 mkdir -p "$ROOT"
