@@ -57,7 +57,7 @@ class BenchConfig:
     lengths: str = "512,2048,8192,32768"
     window: int = 128         # SWA window of the kernel suite's attention rows
     model_window: int = 64    # the BLaLM models' SWA window (train, decode suites): BLaLMConfig's default, the window
-                              # of every committed train / decode log; the strict_small preset trains at 256
+                              # of every committed train / decode log; the strict_small preset trains at 128
     repeat: int = 20
     only: str = ""            # only the mixers / models whose name matches one of these patterns: "sdpa*,nx-ai*"
     train_lengths: str = "512,2048"   # sequence lengths of the train and optim suites on a GPU

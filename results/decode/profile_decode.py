@@ -57,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--window", type=int, default=BLaLMConfig.swa_window,
                     help="BLaLM's SWA window (default: BLaLMConfig's, the committed logs' window; the "
-                         "strict_small preset's is 256)")
+                         "strict_small preset's is 128)")
     a = ap.parse_args(argv)
     for key in ("context", "batch", "steps", "top", "window"):
         if getattr(a, key) < 1:

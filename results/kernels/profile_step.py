@@ -26,7 +26,7 @@ def main(argv=None):
     ap.add_argument("--only", default="blalm triton,softmax", help="comma-separated model names of bench.model_pair")
     ap.add_argument("--window", type=int, default=BLaLMConfig.swa_window,
                     help="BLaLM's SWA window (default: BLaLMConfig's, the committed logs' window; the "
-                         "strict_small preset's is 256)")
+                         "strict_small preset's is 128)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_step.py profiles the GPU step: no CUDA device here")
