@@ -500,6 +500,11 @@ class MLSTMLayer(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             if cache is None and self.form == "parallel":
                 return mlstm_parallel(q, k, v, i, f)
+            if cache is not None and cache.static and q.size(2) == 1 and self.kernel == "triton":
+                # decoding with the fused step (mlstm_triton.py): one kernel, the cache's state updated in place
+                from mlstm_triton import mlstm_step_triton
+                return mlstm_step_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+                                         cache.mlstm)[:, :, None]
             state = cache.mlstm if cache is not None else None
             if cache is not None and q.size(2) == 1:
                 h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
@@ -804,7 +809,8 @@ class BLaLM(nn.Module):
     def set_kernels(self, kernels=RUN_DEFAULTS["kernels"], form=RUN_DEFAULTS["form"],
                     chunk_size=RUN_DEFAULTS["chunk_size"]):
         """How the model runs, not what it computes: kernels "torch" | "triton" (the fused Triton kernels of the
-        chunkwise mLSTM and the short convolution, in training on CUDA), the mLSTM's form "chunkwise" | "parallel"
+        chunkwise mLSTM, of the short convolution in training, and of the mLSTM's decoding step through a
+        StaticCache; CUDA), the mLSTM's form "chunkwise" | "parallel"
         | "recurrent", and the chunk length of the chunkwise forms (also of the hedgehog mixer). -> self."""
         for name, value, allowed in (("kernels", kernels, MLSTM_KERNELS), ("form", form, MLSTM_FORMS)):
             if value not in allowed:

@@ -107,7 +107,9 @@ class StaticCache(DecodeCache):
             for name in ("mlstm", "conv", "state"):
                 value = getattr(eager, name)
                 if value is not None:
-                    setattr(layer, name, tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone())
+                    # contiguous: the fused decoding step (mlstm_triton.mlstm_step_triton) updates it in place
+                    setattr(layer, name, tuple(t.clone(memory_format=torch.contiguous_format) for t in value)
+                            if isinstance(value, tuple) else value.clone(memory_format=torch.contiguous_format))
             if eager.k is not None:  # the keys of positions pos-n..pos-1 go to their slots
                 B, NH, n, D = eager.k.shape
                 slot = torch.arange(cache.pos - n, cache.pos, device=device) % slots

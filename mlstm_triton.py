@@ -27,6 +27,9 @@ over chunks for everything else; written here from the equations above):
                          (dC_c = exp(g + m_c - m_{c+1}) dC_{c+1} + sum_t init_t q_t (dh_t / den_t)^T)
             _bwd_qkv     grid (B*NH, NC): dq, dk, dv of one chunk, the L x L part recomputed, not stored
 
+For decoding, `mlstm_step_triton` (the end of this file) is blalm.mlstm_step's one token as one kernel, a program per
+head, the state updated in place (the model uses it through a StaticCache when kernels="triton").
+
 The gates' gradients come from the same pass: the gradient of a pair's log-weight (source s, target t) is
 G = dP * P inside the chunk, q_t . dq_t's state part for sources before it, k_s . dk_s's state part for targets
 after it, and <C_c, dC_{c+1}> + <n_c, dn_{c+1}> (decayed) for what passes the whole chunk. Every pair with
@@ -489,3 +492,73 @@ def mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=64, state=None, return_stat
     C0, n0, m0 = (s.float() for s in state)
     h, C, n, m = ChunkwiseMLSTM.apply(q, k, v, lf, i, C0, n0, m0.detach(), L, eps)
     return (h, (C, n, m)) if return_state else h
+
+
+# -----------------------------------------------------------------------------
+# One decoding step (blalm.mlstm_step's function) in one kernel, the state updated in place
+
+@triton.jit
+def _step(Q, K, V, I, Fg, C, N, M, H, sqb, sqh, skb, skh, svb, svh, sib, sih, sfb, sfh, shb, shh, NH, sqrt_dqk,
+          eps, DQK: tl.constexpr, DV: tl.constexpr):
+    """Head bh = (b, h): m' = max(log sigmoid(f) + m, i), C' = exp(lf + m - m') C + exp(i - m') k v^T, n' likewise
+    with v -> 1, h = (q' C') / (max(|q' . n'|, exp(-m')) + eps) with q' = q / sqrt(DQK). The arithmetic runs in
+    the state's dtype (float32; float64 in the tests); C, n, m are overwritten, each by the program of its head
+    only, after that program has read them."""
+    bh = tl.program_id(0)
+    b, h = bh // NH, bh % NH
+    dt = C.dtype.element_ty
+    rk, rv = tl.arange(0, DQK), tl.arange(0, DV)
+    q = tl.load(Q + b * sqb + h * sqh + rk).to(dt) / sqrt_dqk
+    k = tl.load(K + b * skb + h * skh + rk).to(dt)
+    v = tl.load(V + b * svb + h * svh + rv).to(dt)
+    i = tl.load(I + b * sib + h * sih).to(dt)
+    f = tl.load(Fg + b * sfb + h * sfh).to(dt)
+    m = tl.load(M + bh)
+    lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))          # log sigmoid(f), without overflow
+    m_new = tl.maximum(lf + m, i)
+    fg, ig = tl.exp(lf + m - m_new), tl.exp(i - m_new)
+    c_ptr = C + bh.to(tl.int64) * (DQK * DV) + rk[:, None] * DV + rv[None, :]
+    c = fg * tl.load(c_ptr) + ig * (k[:, None] * v[None, :])
+    n = fg * tl.load(N + bh.to(tl.int64) * DQK + rk) + ig * k
+    tl.store(c_ptr, c)
+    tl.store(N + bh.to(tl.int64) * DQK + rk, n)
+    tl.store(M + bh, m_new)
+    den = tl.maximum(tl.abs(tl.sum(q * n, axis=0)), tl.exp(-m_new)) + eps
+    out = tl.sum(q[:, None] * c, axis=0) / den
+    tl.store(H + b * shb + h * shh + rv, out.to(H.dtype.element_ty))
+
+
+def mlstm_step_triton(q, k, v, i, f, state, eps=1e-6):
+    """blalm.mlstm_step's function, fused into one kernel launch for decoding: q, k: (B, NH, DQK); v: (B, NH, DV)
+    (any float dtype, the last dim contiguous); i, f: (B, NH) gate pre-activations; state (C, n, m): contiguous
+    (B, NH, DQK, DV), (B, NH, DQK), (B, NH) of one dtype, float32 or float64, **updated in place** -> h (B, NH, DV)
+    in v's dtype. One program per head (each reads its own state, then overwrites it): eager, mlstm_step is about
+    20 kernels and three copies back into a static cache. No backward: decoding only (inputs must not need grad)."""
+    C, n, m = state
+    B, NH, DQK = q.shape
+    DV = v.size(-1)
+    for name, D in (("DQK", DQK), ("DV", DV)):
+        if not _is_power_of_two_in(D, 16, 256):
+            raise ValueError(f"{name}={D}: the Triton step needs a head size that is a power of two in [16, 256]")
+    if (k.shape != q.shape or v.shape != (B, NH, DV) or i.shape != (B, NH) or f.shape != (B, NH)
+            or C.shape != (B, NH, DQK, DV) or n.shape != (B, NH, DQK) or m.shape != (B, NH)):
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
+                         f"f {tuple(f.shape)}, state {tuple(C.shape)}, {tuple(n.shape)}, {tuple(m.shape)} do not "
+                         "fit (B, NH, D), (B, NH) and (B, NH, DQK, DV), (B, NH, DQK), (B, NH)")
+    if C.dtype not in (torch.float32, torch.float64) or n.dtype != C.dtype or m.dtype != C.dtype:
+        raise ValueError(f"state dtypes {C.dtype}, {n.dtype}, {m.dtype}: the Triton step needs one of float32, "
+                         "float64 for all three")
+    if not all(s.is_contiguous() for s in state):
+        raise ValueError("the Triton step updates the state in place: C, n, m must be contiguous")
+    if any(x.stride(-1) != 1 for x in (q, k, v)):
+        raise ValueError("q, k, v: the Triton step needs the last dim contiguous (stride 1)")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f, C, n, m)):
+        raise ValueError("mlstm_step_triton has no backward (decoding only): call it under torch.no_grad()")
+    if not q.is_cuda and not INTERPRETED:
+        raise ValueError(f"the Triton step needs CUDA tensors, got device {q.device}; on the CPU it runs only "
+                         "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    h = torch.empty(B, NH, DV, dtype=v.dtype, device=v.device)
+    _step[(B * NH,)](q, k, v, i, f, C, n, m, h, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                     v.stride(1), i.stride(0), i.stride(1), f.stride(0), f.stride(1), h.stride(0), h.stride(1), NH,
+                     math.sqrt(DQK), eps, DQK=DQK, DV=DV, num_warps=4)
+    return h

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blalm import MLSTM_KERNELS
 from checkpoint import load_model
 from common import parse_args, pick_device, run_cli
 
@@ -36,6 +37,8 @@ class SampleConfig:
     device: str = "auto"      # "auto" = cuda when present, else cpu
     dtype: str = "auto"       # "auto" (bfloat16 on CUDA, else float32) | "bfloat16" | "float32": the weights' dtype
     compile: bool = False     # torch.compile the decode step (CUDA): seconds to compile, then ~2.5x faster per token
+    kernels: str = "torch"    # "torch" | "triton" (CUDA, triton installed): the prompt's chunkwise mLSTM and each
+                              # decoding step's mLSTM as fused Triton kernels (the same function)
 
 
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines on a CPU
@@ -66,8 +69,13 @@ def main(argv):
                          f"(got {cfg.top_k})")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype={cfg.dtype!r} is not one of ('auto', 'bfloat16', 'float32')")
+    if cfg.kernels not in MLSTM_KERNELS:
+        raise ValueError(f"--kernels={cfg.kernels!r} is not one of {MLSTM_KERNELS}")
     device = pick_device(cfg.device)
+    if cfg.kernels == "triton" and not device.startswith("cuda"):
+        raise ValueError(f"--kernels=triton runs Triton kernels on the GPU: it needs --device=cuda, not {device}")
     model, enc, _ = load_model(cfg.ckpt, device)
+    model.set_kernels(cfg.kernels, model.form, model.chunk_size)   # a ValueError for a model without an mLSTM
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda")):
         model = model.to(torch.bfloat16)
     if cfg.compile:

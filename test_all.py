@@ -460,6 +460,97 @@ def test_triton_kernel_in_the_model_gives_the_torch_kernels_logits_and_gradients
         assert rel_err(pf.grad, p.grad) <= 1e-4, f"{name}: rel err {rel_err(pf.grad, p.grad):.2e}"
 
 
+def step_sequence(B=2, NH=3, T=6, DQK=16, DV=32, gate_range=8.0, seed=0):
+    """float64 q, k, v (B, NH, T, D), gates (B, NH, T) uniform in [-gate_range, gate_range], and a random state
+    (C, n, m) to continue from: what mlstm_step reads one token at a time."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, NH, T, D, generator=g, dtype=torch.float64) for D in (DQK, DQK, DV))
+    i, f = (gate_range * (2 * torch.rand(B, NH, T, generator=g, dtype=torch.float64) - 1) for _ in range(2))
+    state = (torch.randn(B, NH, DQK, DV, generator=g, dtype=torch.float64),
+             torch.randn(B, NH, DQK, generator=g, dtype=torch.float64), torch.randn(B, NH, generator=g, dtype=torch.float64))
+    return (q, k, v, i, f), state
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate_range", [8.0, 50.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_triton_decode_step_matches_mlstm_step_and_updates_the_state_in_place(gate_range, dtype):
+    from mlstm_triton import mlstm_step_triton
+    (q, k, v, i, f), ref = step_sequence(gate_range=gate_range, seed=int(gate_range))
+    if dtype == torch.bfloat16:   # the model's decoding: bfloat16 inputs, a float32 state; the reference reads the
+        q, k, v = (x.to(dtype).double() for x in (q, k, v))   # same rounded inputs in float64
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ours = tuple(s.to(KERNEL_DEVICE, state_dtype) for s in ref)
+    where = [s.data_ptr() for s in ours]
+    tol_h, tol_state = (1e-12, 1e-12) if dtype == torch.float64 else (1e-2, 1e-5)
+    for t in range(q.size(2)):
+        want, ref = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], ref)
+        with torch.no_grad():
+            got = mlstm_step_triton(*(x[:, :, t].to(KERNEL_DEVICE, dtype) for x in (q, k, v)),
+                                    *(x[:, :, t].to(KERNEL_DEVICE) for x in (i, f)), ours)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got.double().cpu(), want) <= tol_h, f"step {t}: h rel err {rel_err(got.double().cpu(), want):.1e}"
+        for name, a, b in zip("Cnm", ours, ref):
+            assert rel_err(a.double().cpu(), b) <= tol_state, f"step {t}: {name} rel err {rel_err(a.double().cpu(), b):.1e}"
+    assert [s.data_ptr() for s in ours] == where, "the state was not updated in place"
+
+
+@needs_kernel
+def test_triton_decode_step_in_the_model_gives_the_torch_kernels_logits_and_state():
+    torch.manual_seed(0)
+    model = build(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32, swa_window=4,
+                  chunk_size=16).to(KERNEL_DEVICE).eval()
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 64, (2, 20), device=KERNEL_DEVICE), cache=cache)
+        plain, fused = decode.StaticCache(model, cache, 40), decode.StaticCache(model, cache, 40)
+        tok = torch.randint(0, 64, (2, 1), device=KERNEL_DEVICE)
+        for _ in range(8):   # the ring buffer of 4 wraps
+            want = model.set_kernels("torch", chunk_size=16).decode_step(tok, plain)
+            got = model.set_kernels("triton", chunk_size=16).decode_step(tok, fused)
+            assert rel_err(got, want) <= 1e-5, f"logits rel err {rel_err(got, want):.1e}"
+            tok = want.argmax(-1, keepdim=True)
+    for (l, name, a), (_, _, b) in zip(plain.tensors(), fused.tensors(), strict=True):
+        assert rel_err(b, a) <= 1e-5, f"layer {l} {name}: rel err {rel_err(b, a):.1e}"
+
+
+@needs_triton
+def test_triton_decode_step_refuses_what_it_cannot_run():
+    from mlstm_triton import mlstm_step_triton
+    (q, k, v, i, f), state = step_sequence(T=1, DQK=16, DV=16)
+    q, k, v, i, f = (x[:, :, 0].float() for x in (q, k, v, i, f))
+    state = tuple(s.float() for s in state)
+    with pytest.raises(ValueError, match="DQK=12"):
+        mlstm_step_triton(q[..., :12], k[..., :12], v, i, f, state)
+    with pytest.raises(ValueError, match="contiguous"):
+        mlstm_step_triton(q, k, v, i, f, (state[0].transpose(-1, -2), *state[1:]))
+    with pytest.raises(ValueError, match="float32, float64"):
+        mlstm_step_triton(q, k, v, i, f, tuple(s.half() for s in state))
+    with pytest.raises(ValueError, match="do not fit"):
+        mlstm_step_triton(q, k, v, i[:, :1], f, state)
+    with pytest.raises(ValueError, match="no backward"):
+        mlstm_step_triton(q.requires_grad_(), k, v, i, f, state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and triton")
+@pytest.mark.parametrize("compiled", [False, True], ids=["graph", "compiled"])
+def test_cuda_fused_decode_step_decodes_the_torch_kernels_tokens(compiled):
+    torch.manual_seed(0)
+    model = build(vocab_size=61, block_size=128, n_layer=2, n_head=2, n_embd=32, swa_window=4,
+                  chunk_size=16).cuda().eval()
+    prompts = torch.randint(0, 61, (4, 40), device="cuda")
+    lengths = [40, 17, 33, 25]
+    want = model.generate(prompts, 48, temperature=0, lengths=lengths)       # the PyTorch step, CUDA-graphed
+    model.set_kernels("triton", chunk_size=16)
+    try:
+        if compiled:   # inductor with the user-defined Triton kernel inside each block's graph
+            model.compile_decode()
+        got = model.generate(prompts, 48, temperature=0, lengths=lengths)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want), "the fused decoding step chose other tokens than the PyTorch step"
+
+
 @needs_triton
 def test_triton_kernel_rejects_sizes_and_dtypes_it_cannot_run():
     q, k, v, i, f = [x.detach() for x in mlstm_inputs(T=32, DQK=16, DV=16)] if KERNEL_DEVICE else \
@@ -3921,6 +4012,10 @@ def test_sample_empty_start_prompts_with_eot_and_checks_block_size(tmp_path, cap
         sample_main([f"--ckpt={path}", "--start=hi", "--max_new_tokens=31", "--device=cpu"])
     with pytest.raises(ValueError, match=r"--compile=True .* needs --device=cuda, not cpu"):
         sample_main([f"--ckpt={path}", "--compile=True", "--device=cpu"])
+    with pytest.raises(ValueError, match=r"--kernels='cuda' is not one of \('torch', 'triton'\)"):
+        sample_main([f"--ckpt={path}", "--kernels=cuda", "--device=cpu"])
+    with pytest.raises(ValueError, match=r"--kernels=triton .* needs --device=cuda, not cpu"):
+        sample_main([f"--ckpt={path}", "--kernels=triton", "--device=cpu"])
 
 
 def test_sample_lines_prompts_of_different_lengths_in_one_batch_each_continue_greedily(tmp_path, capsys):
