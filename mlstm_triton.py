@@ -557,8 +557,23 @@ def mlstm_step_triton(q, k, v, i, f, state, eps=1e-6):
     if not q.is_cuda and not INTERPRETED:
         raise ValueError(f"the Triton step needs CUDA tensors, got device {q.device}; on the CPU it runs only "
                          "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    return _step_op(q, k, v, i, f, C, n, m, eps)
+
+
+# An operator of its own, so that torch.compile (a compiled decoding block, model.compile_decode) traces the step
+# as one call that mutates C, n, m, whatever triton.jit made of the kernel (the interpreter's function too)
+@torch.library.custom_op("blalm::mlstm_step", mutates_args=("C", "n", "m"))
+def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor, C: torch.Tensor,
+             n: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    B, NH, DQK = q.shape
+    DV = v.size(-1)
     h = torch.empty(B, NH, DV, dtype=v.dtype, device=v.device)
     _step[(B * NH,)](q, k, v, i, f, C, n, m, h, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                      v.stride(1), i.stride(0), i.stride(1), f.stride(0), f.stride(1), h.stride(0), h.stride(1), NH,
                      math.sqrt(DQK), eps, DQK=DQK, DV=DV, num_warps=4)
     return h
+
+
+@_step_op.register_fake
+def _step_op_shape(q, k, v, i, f, C, n, m, eps):
+    return v.new_empty(q.size(0), q.size(1), v.size(-1))

@@ -514,6 +514,29 @@ def test_triton_decode_step_in_the_model_gives_the_torch_kernels_logits_and_stat
         assert rel_err(b, a) <= 1e-5, f"layer {l} {name}: rel err {rel_err(b, a):.1e}"
 
 
+@needs_kernel
+def test_triton_decode_step_compiles_into_each_block_as_one_operator_that_updates_the_cache():
+    # aot_eager: dynamo's graph and AOT autograd's functionalisation (what inductor receives) without code
+    # generation; fullgraph=True fails on a graph break. The tokens depend on every earlier step's state update
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build(vocab_size=61, block_size=64, n_layer=2, n_head=2, n_embd=32, swa_window=4,
+                  chunk_size=16).to(KERNEL_DEVICE).eval()
+    prompt = torch.randint(0, 61, (2, 6), device=KERNEL_DEVICE)
+    want = model.generate(prompt, 10, temperature=0, graph=False)
+    try:
+        model.set_kernels("triton", chunk_size=16).compile_decode(backend="aot_eager", fullgraph=True)
+        assert torch.equal(model.generate(prompt, 10, temperature=0, graph=False), want)
+    finally:
+        torch._dynamo.reset()
+    # the operator's registration: the tensors it mutates are the ones it declares (C, n, m), its fake (shape-only)
+    # version agrees with it
+    import mlstm_triton
+    (q, k, v, i, f), state = step_sequence(B=2, NH=2, T=1, DQK=16, DV=16)
+    args = [x[:, :, 0].float().to(KERNEL_DEVICE) for x in (q, k, v, i, f)] + [s.float().to(KERNEL_DEVICE) for s in state]
+    torch.library.opcheck(mlstm_triton._step_op, args + [1e-6])
+
+
 @needs_triton
 def test_triton_decode_step_refuses_what_it_cannot_run():
     from mlstm_triton import mlstm_step_triton

@@ -26,7 +26,7 @@ from blalm import BLaLM, BLaLMConfig
 def census(code):
     """-> (fused kernel calls, Counter of library calls) in one generated module's code."""
     fused = re.findall(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\()", code, re.M)   # call sites: CPU, CUDA
-    library = re.findall(r"(extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", code)
+    library = re.findall(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(", code)   # aten's, blalm's operators
     return len(fused), Counter(library)
 
 
@@ -34,12 +34,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2, help="blocks of the strict_small width (7 heads x 64)")
     ap.add_argument("--context", type=int, default=32, help="prompt tokens before the counted step")
+    ap.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+                    help="triton: the fused decoding step (on a CPU only under TRITON_INTERPRET=1)")
     a = ap.parse_args(argv)
     if a.layers < 1 or a.context < 1:
         sys.exit(f"census.py: --layers={a.layers}, --context={a.context}: both must be >= 1")
     cfg = BLaLMConfig(block_size=a.context + 8, n_layer=a.layers, n_head=7, n_embd=448, vocab_size=16384)
     torch.manual_seed(0)
-    model = BLaLM(cfg).eval().compile_decode()
+    model = BLaLM(cfg).set_kernels(a.kernels).eval().compile_decode()
     with torch.no_grad():
         steps, _ = decode_steps(model, cfg, a.context, 1, 8, "cpu", False, ("compiled",))
         _, codes = run_and_get_code(steps["compiled"][0])     # the first step compiles: its code is captured
