@@ -554,7 +554,7 @@ def bench_decode(c, device, gpu):
     passes = [p for p in ([m for m in modes if m in ("eager", "static", "graph", "generate")],
                           [m for m in modes if m in ("compiled", "generate_compiled")]) if p]
     for name, (cfg, kernels) in model_pair(gpu, max(contexts) + room, c.model_window).items():
-        if not selected(c, name):   # "blalm triton" decodes with the fused step (mlstm_triton.mlstm_step_triton)
+        if not selected(c, name):   # "blalm triton" decodes with mlstm_triton.mlstm_layer_step_triton
             continue
         torch.manual_seed(0)
         model = BLaLM(cfg).set_kernels(kernels).to(device).eval()

@@ -437,6 +437,8 @@ class MLSTMLayer(nn.Module):
         first of them at position pos."""
         C = x.size(-1)
         qkv, o, i, f, mod = self.in_proj(x, cache)
+        if cache is not None and cache.static and self.kernel == "triton" and self.feature_map == "none":
+            return self.c_proj(self.decode_step_triton(qkv, o, i, f, mod, cache, pos))
         qkv = self.short_conv(qkv, cache)
         q, k, v = (_heads(t, self.n_head) for t in qkv.split(C, dim=-1))           # (B, NH, T, D)
         i, f = self._cap(i).transpose(1, 2), self._cap(f).transpose(1, 2)           # (B, NH, T)
@@ -452,6 +454,16 @@ class MLSTMLayer(nn.Module):
                 h = 0.5 * (h + y)
         y = _merge(h) * self.norm_weight * torch.sigmoid(o)
         return self.c_proj(y)
+
+    def decode_step_triton(self, qkv, o, i, f, mod, cache, pos):
+        """forward's work between its two projections for one token through a StaticCache (conv, gates, mLSTM step,
+        norm, SWA, modulation, output gate) in one Triton kernel launch, the cache updated in place: the same
+        function (mlstm_triton.mlstm_layer_step_triton; kernels="triton", without Hedgehog feature maps)."""
+        from mlstm_triton import mlstm_layer_step_triton
+        conv = (cache.conv, self.conv.weight[:, 0, :], self.conv.bias) if self.K else (None, None, None)
+        rings = (cache.k, cache.v) if self.window else (None, None)
+        return mlstm_layer_step_triton(qkv, o, i, f, mod, *conv, cache.mlstm, *rings, pos, self.norm_weight,
+                                       self.softcap)
 
     def in_proj(self, x, cache=None):
         """x (B, T, C) -> q|k|v (B, T, 3C), o (B, T, C), i, f (B, T, NH), mod (B, T, NH) or None: the layer's
@@ -809,7 +821,7 @@ class BLaLM(nn.Module):
     def set_kernels(self, kernels=RUN_DEFAULTS["kernels"], form=RUN_DEFAULTS["form"],
                     chunk_size=RUN_DEFAULTS["chunk_size"]):
         """How the model runs, not what it computes: kernels "torch" | "triton" (the fused Triton kernels of the
-        chunkwise mLSTM, of the short convolution in training, and of the mLSTM's decoding step through a
+        chunkwise mLSTM, of the short convolution in training, and of an mLSTM layer's decoding step through a
         StaticCache; CUDA), the mLSTM's form "chunkwise" | "parallel"
         | "recurrent", and the chunk length of the chunkwise forms (also of the hedgehog mixer). -> self."""
         for name, value, allowed in (("kernels", kernels, MLSTM_KERNELS), ("form", form, MLSTM_FORMS)):

@@ -27,8 +27,11 @@ over chunks for everything else; written here from the equations above):
                          (dC_c = exp(g + m_c - m_{c+1}) dC_{c+1} + sum_t init_t q_t (dh_t / den_t)^T)
             _bwd_qkv     grid (B*NH, NC): dq, dk, dv of one chunk, the L x L part recomputed, not stored
 
-For decoding, `mlstm_step_triton` (the end of this file) is blalm.mlstm_step's one token as one kernel, a program per
-head, the state updated in place (the model uses it through a StaticCache when kernels="triton").
+For decoding (the end of this file): `mlstm_layer_step_triton`, a whole MLSTMLayer's step between its two
+projections (conv, gates, mLSTM, norm, SWA, gates on the output) as one kernel, and `mlstm_step_triton`,
+blalm.mlstm_step alone (the layer's way with Hedgehog feature maps); a program per head, the cache updated in
+place. The model uses them through a StaticCache when kernels="triton"; both are torch operators of their own
+(torch.library.custom_op), so that a compiled block traces each as one call.
 
 The gates' gradients come from the same pass: the gradient of a pair's log-weight (source s, target t) is
 G = dP * P inside the chunk, q_t . dq_t's state part for sources before it, k_s . dk_s's state part for targets
@@ -52,6 +55,7 @@ triton. It needs CUDA tensors (or the interpreter), chunk sizes 16..128 and head
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -495,37 +499,56 @@ def mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=64, state=None, return_stat
 
 
 # -----------------------------------------------------------------------------
-# One decoding step (blalm.mlstm_step's function) in one kernel, the state updated in place
+# One decoding step (blalm.mlstm_step's function) in one kernel, the state updated in place; and a whole
+# MLSTMLayer's decoding step (everything between its input projection and its output projection) in another
 
 @triton.jit
-def _step(Q, K, V, I, Fg, C, N, M, H, sqb, sqh, skb, skh, svb, svh, sib, sih, sfb, sfh, shb, shh, NH, sqrt_dqk,
-          eps, DQK: tl.constexpr, DV: tl.constexpr):
-    """Head bh = (b, h): m' = max(log sigmoid(f) + m, i), C' = exp(lf + m - m') C + exp(i - m') k v^T, n' likewise
-    with v -> 1, h = (q' C') / (max(|q' . n'|, exp(-m')) + eps) with q' = q / sqrt(DQK). The arithmetic runs in
-    the state's dtype (float32; float64 in the tests); C, n, m are overwritten, each by the program of its head
-    only, after that program has read them."""
-    bh = tl.program_id(0)
-    b, h = bh // NH, bh % NH
+def _cell(q1, q2, k1, k2, v, i, f, C, N, M, bh, eps, DQK: tl.constexpr, DV: tl.constexpr):
+    """The recurrence for head bh, q and k given as halves (q1 = q[:DQK/2], q2 = q[DQK/2:]: the rotary layout's,
+    so that the layer kernel can rotate them without moving values between registers), q already scaled by
+    1/sqrt(DQK): m' = max(log sigmoid(f) + m, i), C' = exp(lf + m - m') C + exp(i - m') k v^T, n' likewise with
+    v -> 1 -> h = (q C') / (max(|q . n'|, exp(-m')) + eps), in the state's dtype. Overwrites C, n, m; the caller
+    has a barrier between every load of them and this."""
     dt = C.dtype.element_ty
-    rk, rv = tl.arange(0, DQK), tl.arange(0, DV)
-    q = tl.load(Q + b * sqb + h * sqh + rk).to(dt) / sqrt_dqk
-    k = tl.load(K + b * skb + h * skh + rk).to(dt)
-    v = tl.load(V + b * svb + h * svh + rv).to(dt)
-    i = tl.load(I + b * sib + h * sih).to(dt)
-    f = tl.load(Fg + b * sfb + h * sfh).to(dt)
+    r2, rv = tl.arange(0, DQK // 2), tl.arange(0, DV)
     m = tl.load(M + bh)
     lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))          # log sigmoid(f), without overflow
     m_new = tl.maximum(lf + m, i)
     fg, ig = tl.exp(lf + m - m_new), tl.exp(i - m_new)
-    c_ptr = C + bh.to(tl.int64) * (DQK * DV) + rk[:, None] * DV + rv[None, :]
-    c = fg * tl.load(c_ptr) + ig * (k[:, None] * v[None, :])
-    n = fg * tl.load(N + bh.to(tl.int64) * DQK + rk) + ig * k
-    tl.store(c_ptr, c)
-    tl.store(N + bh.to(tl.int64) * DQK + rk, n)
+    c1_ptr = C + bh.to(tl.int64) * (DQK * DV) + r2[:, None] * DV + rv[None, :]
+    c2_ptr = c1_ptr + (DQK // 2) * DV
+    n1_ptr = N + bh.to(tl.int64) * DQK + r2
+    n2_ptr = n1_ptr + DQK // 2
+    c1, c2 = tl.load(c1_ptr).to(dt), tl.load(c2_ptr).to(dt)
+    n1, n2 = tl.load(n1_ptr).to(dt), tl.load(n2_ptr).to(dt)
+    tl.debug_barrier()   # every thread has read m, C, n before any overwrites them (a vector's element has copies)
+    c1 = fg * c1 + ig * (k1[:, None] * v[None, :])
+    c2 = fg * c2 + ig * (k2[:, None] * v[None, :])
+    n1, n2 = fg * n1 + ig * k1, fg * n2 + ig * k2
+    tl.store(c1_ptr, c1)
+    tl.store(c2_ptr, c2)
+    tl.store(n1_ptr, n1)
+    tl.store(n2_ptr, n2)
     tl.store(M + bh, m_new)
-    den = tl.maximum(tl.abs(tl.sum(q * n, axis=0)), tl.exp(-m_new)) + eps
-    out = tl.sum(q[:, None] * c, axis=0) / den
-    tl.store(H + b * shb + h * shh + rv, out.to(H.dtype.element_ty))
+    den = tl.maximum(tl.abs(tl.sum(q1 * n1, axis=0) + tl.sum(q2 * n2, axis=0)), tl.exp(-m_new)) + eps
+    return (tl.sum(q1[:, None] * c1, axis=0) + tl.sum(q2[:, None] * c2, axis=0)) / den
+
+
+@triton.jit
+def _step(Q, K, V, I, Fg, C, N, M, H, sqb, sqh, skb, skh, svb, svh, sib, sih, sfb, sfh, shb, shh, NH, sqrt_dqk,
+          eps, DQK: tl.constexpr, DV: tl.constexpr):
+    """blalm.mlstm_step for head bh = (b, h), in the state's dtype (float32; float64 in the tests)."""
+    bh = tl.program_id(0)
+    b, h = bh // NH, bh % NH
+    dt = C.dtype.element_ty
+    r2 = tl.arange(0, DQK // 2)
+    q, k = Q + b * sqb + h * sqh + r2, K + b * skb + h * skh + r2
+    q1, q2 = tl.load(q).to(dt) / sqrt_dqk, tl.load(q + DQK // 2).to(dt) / sqrt_dqk
+    k1, k2 = tl.load(k).to(dt), tl.load(k + DQK // 2).to(dt)
+    v = tl.load(V + b * svb + h * svh + tl.arange(0, DV)).to(dt)
+    i, f = tl.load(I + b * sib + h * sih).to(dt), tl.load(Fg + b * sfb + h * sfh).to(dt)
+    out = _cell(q1, q2, k1, k2, v, i, f, C, N, M, bh, eps, DQK, DV)
+    tl.store(H + b * shb + h * shh + tl.arange(0, DV), out.to(H.dtype.element_ty))
 
 
 def mlstm_step_triton(q, k, v, i, f, state, eps=1e-6):
@@ -577,3 +600,178 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
 @_step_op.register_fake
 def _step_op_shape(q, k, v, i, f, C, n, m, eps):
     return v.new_empty(q.size(0), q.size(1), v.size(-1))
+
+
+@triton.jit
+def _tanh(z):
+    """tanh in float32 to a few ulp: the odd series to z^9 for |z| < 1/4 (its next term is below 1e-8 z there),
+    1 - 2 / (exp(2z) + 1) beyond (near 0 that difference cancels: 1e-5 relative error at z = 0.01)."""
+    z2 = z * z
+    series = z * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
+    return tl.where(tl.abs(z) < 0.25, series, 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+
+
+@triton.jit
+def _conv_step(X, RING, W, WB, col, CH3, K: tl.constexpr, KP: tl.constexpr):
+    """The short conv's decoding step at channels col (of the 3C): y = bias + sum_j w_j u_j over the K-1 inputs in
+    RING (rows oldest first, row stride CH3) and the new one at X -> (y in float32, the ring's next rows)."""
+    x = tl.load(X + col)
+    rj = tl.arange(0, KP)[:, None]
+    past = tl.load(RING + rj * CH3 + col[None, :], mask=rj < K - 1, other=0.0)
+    w = tl.load(W + col[None, :] * K + rj, mask=rj < K - 1, other=0.0)
+    y = (tl.load(WB + col).to(tl.float32) + tl.sum(past.to(tl.float32) * w.to(tl.float32), axis=0)
+         + tl.load(W + col * K + K - 1).to(tl.float32) * x.to(tl.float32))
+    later = tl.load(RING + (rj + 1) * CH3 + col[None, :], mask=rj + 1 < K - 1, other=0.0)
+    return y, tl.where(rj == K - 2, x[None, :], later)
+
+
+@triton.jit
+def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, sqkv, so, si, sf, smod, sy, NH, S,
+                cap, eps, log2_base, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr,
+                HAS_CONV: tl.constexpr, HAS_SWA: tl.constexpr, MODULATION: tl.constexpr, HAS_CAP: tl.constexpr):
+    """blalm.MLSTMLayer.forward for one token of head bh = (b, h), from the input projection's outputs (qkv, o, the
+    gates) to what c_proj reads: the short conv (its ring of the last K-1 inputs shifted), the gates' soft cap, the
+    mLSTM step (_cell) and the per-head norm; the SWA branch (rotary q, k at position pos, the key and value
+    written to ring slot pos % S, softmax over the slots written so far), its modulation; the output gate and
+    norm scale. q and k are handled as halves (rotary's layout). Float32 arithmetic; the rings keep their dtype."""
+    bh = tl.program_id(0)
+    b, h = bh // NH, bh % NH
+    CH = NH * D
+    r2, rd = tl.arange(0, D // 2), tl.arange(0, D)
+    c1, c2, cv = h * D + r2, h * D + D // 2 + r2, h * D + rd      # this head's channels: q's halves, v's
+    X = QKV + b * sqkv
+    if HAS_CONV:
+        ring = RING + b * (K - 1) * 3 * CH
+        q1, q1_next = _conv_step(X, ring, CW, CB, c1, 3 * CH, K, KP)
+        q2, q2_next = _conv_step(X, ring, CW, CB, c2, 3 * CH, K, KP)
+        k1, k1_next = _conv_step(X, ring, CW, CB, CH + c1, 3 * CH, K, KP)
+        k2, k2_next = _conv_step(X, ring, CW, CB, CH + c2, 3 * CH, K, KP)
+        v, v_next = _conv_step(X, ring, CW, CB, 2 * CH + cv, 3 * CH, K, KP)
+    else:
+        q1, q2 = tl.load(X + c1).to(tl.float32), tl.load(X + c2).to(tl.float32)
+        k1, k2 = tl.load(X + CH + c1).to(tl.float32), tl.load(X + CH + c2).to(tl.float32)
+        v = tl.load(X + 2 * CH + cv).to(tl.float32)
+    i, f = tl.load(I + b * si + h).to(tl.float32), tl.load(Fg + b * sf + h).to(tl.float32)
+    if HAS_CAP:   # the gates' soft cap, cap * tanh(x / cap)
+        i, f = cap * _tanh(i / cap), cap * _tanh(f / cap)
+    if HAS_SWA:
+        pos = tl.load(POS)
+        slot = pos % S
+        ang = pos.to(tl.float32) * tl.exp2(-(2.0 * r2.to(tl.float32) / D) * log2_base)
+        cos, sin = tl.cos(ang), tl.sin(ang)
+        ring_dt = KR.dtype.element_ty   # the new key and value as the ring keeps them
+        kr1 = (k1 * cos - k2 * sin).to(ring_dt)
+        kr2 = (k2 * cos + k1 * sin).to(ring_dt)
+        vr = v.to(ring_dt)
+        rs = tl.arange(0, SP)[:, None]
+        rows = (bh.to(tl.int64) * S + rs) * D
+        now = rs == slot   # the slot of this position: its new key and value, not the ring's old ones
+        key1 = tl.where(now, kr1[None, :], tl.load(KR + rows + r2[None, :], mask=rs < S, other=0.0)).to(tl.float32)
+        key2 = tl.where(now, kr2[None, :], tl.load(KR + rows + D // 2 + r2[None, :], mask=rs < S, other=0.0)).to(tl.float32)
+        val = tl.where(now, vr[None, :], tl.load(VR + rows + rd[None, :], mask=rs < S, other=0.0)).to(tl.float32)
+        score = (tl.sum((q1 * cos - q2 * sin)[None, :] * key1, axis=1)
+                 + tl.sum((q2 * cos + q1 * sin)[None, :] * key2, axis=1)) / tl.sqrt(D * 1.0)
+        score = tl.where((tl.arange(0, SP) <= pos) & (tl.arange(0, SP) < S), score, float("-inf"))
+        p = tl.exp(score - tl.max(score, axis=0))
+        y = tl.sum(p[:, None] * val, axis=0) / tl.sum(p, axis=0)
+    tl.debug_barrier()   # the rings read by every thread before any is overwritten (and, in _cell, the state)
+    if HAS_CONV:
+        ring_rows = ring + tl.arange(0, KP)[:, None] * 3 * CH
+        keep = tl.arange(0, KP)[:, None] < K - 1
+        tl.store(ring_rows + c1[None, :], q1_next, mask=keep)
+        tl.store(ring_rows + c2[None, :], q2_next, mask=keep)
+        tl.store(ring_rows + CH + c1[None, :], k1_next, mask=keep)
+        tl.store(ring_rows + CH + c2[None, :], k2_next, mask=keep)
+        tl.store(ring_rows + 2 * CH + cv[None, :], v_next, mask=keep)
+    if HAS_SWA:
+        slot_row = (bh.to(tl.int64) * S + slot) * D
+        tl.store(KR + slot_row + r2, kr1)
+        tl.store(KR + slot_row + D // 2 + r2, kr2)
+        tl.store(VR + slot_row + rd, vr)
+    scale = 1.0 / tl.sqrt(D * 1.0)
+    out = _cell(q1 * scale, q2 * scale, k1, k2, v, i, f, C, N, M, bh, eps, D, D)
+    mean = tl.sum(out, axis=0) / D
+    var = tl.sum((out - mean) * (out - mean), axis=0) / D
+    out = (out - mean) / tl.sqrt(var + 1e-5)                    # F.layer_norm over the head, no weight
+    if HAS_SWA:
+        if MODULATION:
+            out += y / (1.0 + tl.exp(-tl.load(MOD + b * smod + h).to(tl.float32)))
+        else:
+            out = 0.5 * (out + y)
+    gate = 1.0 / (1.0 + tl.exp(-tl.load(O + b * so + cv).to(tl.float32)))
+    out = out * tl.load(NW + cv).to(tl.float32) * gate
+    tl.store(Y + b * sy + cv, out.to(Y.dtype.element_ty))
+
+
+def mlstm_layer_step_triton(qkv, o, i, f, mod, conv, conv_w, conv_b, state, k_ring, v_ring, pos, norm_weight,
+                            softcap=0.0, rotary_base=10000.0, eps=1e-6):
+    """blalm.MLSTMLayer's decoding step (one token per row through a StaticCache) between its input and output
+    projections, in one kernel launch: qkv (B, 1, 3C), o (B, 1, C), i, f (B, 1, NH), mod (B, 1, NH) or None (no
+    modulation: the branches averaged) -- the input projection's outputs (views of one tensor are fine); conv
+    (B, K-1, 3C) the short conv's last inputs, conv_w (3C, K), conv_b (3C,), or all None (no conv); state
+    (C, n, m) float32; k_ring, v_ring (B, NH, S, D) the SWA branch's ring buffers, or None (no SWA branch); pos a
+    0-dim int64 device tensor (this token's position); norm_weight (C,) -> (B, 1, C) in qkv's dtype, what c_proj
+    reads. The conv ring, the state and the SWA rings are updated in place (all contiguous). Head size D: a
+    power of two in [16, 256]."""
+    B, _, C3 = qkv.shape
+    CH = C3 // 3
+    NH = i.size(-1)
+    D = CH // NH
+    if not _is_power_of_two_in(D, 16, 256) or NH * D != CH or C3 != 3 * CH:
+        raise ValueError(f"qkv of {C3} channels and {NH} heads: the Triton layer step needs 3 * NH * D channels "
+                         "with a head size D that is a power of two in [16, 256]")
+    K = conv_w.size(-1) if conv is not None else 0
+    S = k_ring.size(2) if k_ring is not None else 0
+    shapes = [(qkv, (B, 1, C3)), (o, (B, 1, CH)), (i, (B, 1, NH)), (f, (B, 1, NH)), (state[0], (B, NH, D, D)),
+              (state[1], (B, NH, D)), (state[2], (B, NH)), (norm_weight, (CH,))]
+    shapes += [(mod, (B, 1, NH))] if mod is not None else []
+    shapes += [(conv, (B, K - 1, C3)), (conv_w, (C3, K)), (conv_b, (C3,))] if conv is not None else []
+    shapes += [(k_ring, (B, NH, S, D)), (v_ring, (B, NH, S, D))] if k_ring is not None else []
+    for x, want in shapes:
+        if tuple(x.shape) != want:
+            raise ValueError(f"the Triton layer step got a tensor of shape {tuple(x.shape)} where it expects {want}")
+    updated = list(state) + ([conv] if conv is not None else []) + ([k_ring, v_ring] if k_ring is not None else [])
+    if not all(x.is_contiguous() for x in updated) or any(x.dtype != torch.float32 for x in state):
+        raise ValueError("the Triton layer step updates the state (float32), the conv's and the SWA's rings in "
+                         "place: they must be contiguous")
+    if conv is not None and conv_w.stride() != (K, 1):
+        raise ValueError(f"conv_w strides {conv_w.stride()}: the Triton layer step needs ({K}, 1)")
+    if any(x.stride(-1) != 1 for x in (qkv, o, i, f)):
+        raise ValueError("qkv, o, i, f: the Triton layer step needs their last dim contiguous (stride 1)")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (qkv, o, i, f, *updated)):
+        raise ValueError("mlstm_layer_step_triton has no backward (decoding only): call it under torch.no_grad()")
+    if not qkv.is_cuda and not INTERPRETED:
+        raise ValueError(f"the Triton layer step needs CUDA tensors, got device {qkv.device}; on the CPU it runs "
+                         "only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    return _layer_step_op(qkv, o, i, f, mod, conv, conv_w, conv_b, *state, k_ring, v_ring, pos, norm_weight,
+                          float(softcap), float(rotary_base), eps)
+
+
+@torch.library.custom_op("blalm::mlstm_layer_step", mutates_args=("conv", "C", "n", "m", "k_ring", "v_ring"))
+def _layer_step_op(qkv: torch.Tensor, o: torch.Tensor, i: torch.Tensor, f: torch.Tensor, mod: Optional[torch.Tensor],
+                   conv: Optional[torch.Tensor], conv_w: Optional[torch.Tensor], conv_b: Optional[torch.Tensor],
+                   C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, k_ring: Optional[torch.Tensor],
+                   v_ring: Optional[torch.Tensor], pos: torch.Tensor, norm_weight: torch.Tensor, softcap: float,
+                   rotary_base: float, eps: float) -> torch.Tensor:
+    B, _, C3 = qkv.shape
+    NH = i.size(-1)
+    K = conv_w.size(-1) if conv is not None else 0
+    S = k_ring.size(2) if k_ring is not None else 0
+    y = qkv.new_empty(B, 1, C3 // 3)
+    none = y   # the pointer given for a branch the layer does not have (its code is compiled out, never read)
+    # 4 warps hold a window of up to 128 keys of 64 in registers (SP x D floats); wider windows get 8 (unmeasured)
+    mod_ = none if mod is None else mod
+    _layer_step[(B * NH,)](qkv, o, i, f, mod_, *((conv, conv_w, conv_b) if K else (none,) * 3), C, n, m,
+                           *((k_ring, v_ring) if S else (none,) * 2), pos, norm_weight, y, qkv.stride(0),
+                           o.stride(0), i.stride(0), f.stride(0), mod_.stride(0), y.stride(0), NH, max(S, 1),
+                           softcap or 1.0, eps, math.log2(rotary_base), D=C3 // 3 // NH, K=max(K, 1),
+                           KP=triton.next_power_of_2(max(K - 1, 1)), SP=triton.next_power_of_2(max(S, 1)),
+                           HAS_CONV=K > 0, HAS_SWA=S > 0, MODULATION=mod is not None, HAS_CAP=softcap > 0,
+                           num_warps=4 if triton.next_power_of_2(max(S, 1)) * C3 // 3 // NH <= 8192 else 8)
+    return y
+
+
+@_layer_step_op.register_fake
+def _layer_step_op_shape(qkv, o, i, f, mod, conv, conv_w, conv_b, C, n, m, k_ring, v_ring, pos, norm_weight, softcap,
+                         rotary_base, eps):
+    return qkv.new_empty(qkv.size(0), 1, qkv.size(-1) // 3)

@@ -38,7 +38,7 @@ class SampleConfig:
     dtype: str = "auto"       # "auto" (bfloat16 on CUDA, else float32) | "bfloat16" | "float32": the weights' dtype
     compile: bool = False     # torch.compile the decode step (CUDA): seconds to compile, then ~2.5x faster per token
     kernels: str = "torch"    # "torch" | "triton" (CUDA, triton installed): the prompt's chunkwise mLSTM and each
-                              # decoding step's mLSTM as fused Triton kernels (the same function)
+                              # decoding step's mLSTM layers as fused Triton kernels (the same function)
 
 
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines on a CPU

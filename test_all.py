@@ -495,23 +495,43 @@ def test_triton_decode_step_matches_mlstm_step_and_updates_the_state_in_place(ga
     assert [s.data_ptr() for s in ours] == where, "the state was not updated in place"
 
 
+FUSED_DECODE_VARIANTS = {    # each on n_embd 32, 2 heads of 16 (the Triton kernels' smallest head)
+    "preset": dict(swa_window=4),                                   # conv, SWA (its ring of 4 wraps), modulation
+    "no_modulation": dict(swa_window=4, modulation=False),
+    "conv_no_swa": dict(swa_window=0),
+    "mlstm_only": dict(swa_window=0, short_conv=0),
+    "no_softcap": dict(swa_window=4, gate_softcap=0.0),
+    "hedgehog_feature_map": dict(swa_window=4, feature_map="hedgehog"),   # the layer falls back: mlstm_step_triton
+}
+
+
 @needs_kernel
-def test_triton_decode_step_in_the_model_gives_the_torch_kernels_logits_and_state():
+@pytest.mark.parametrize("variant,dtype", [(v, torch.float32) for v in FUSED_DECODE_VARIANTS]
+                         + [("preset", torch.bfloat16)], ids=lambda x: str(x).removeprefix("torch."))
+def test_triton_decode_step_in_the_model_gives_the_float64_pytorch_steps_logits_and_cache(variant, dtype):
     torch.manual_seed(0)
-    model = build(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32, swa_window=4,
-                  chunk_size=16).to(KERNEL_DEVICE).eval()
+    cfg = dict(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32, chunk_size=16)
+    ref = build(**cfg, **FUSED_DECODE_VARIANTS[variant]).double().eval()           # the PyTorch step, float64
+    model = build(**cfg, **FUSED_DECODE_VARIANTS[variant], kernels="triton").to(KERNEL_DEVICE).eval()
+    model.load_state_dict(ref.state_dict())
+    model = model.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    prompt = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
-        cache = model.new_cache()
-        model(torch.randint(0, 64, (2, 20), device=KERNEL_DEVICE), cache=cache)
-        plain, fused = decode.StaticCache(model, cache, 40), decode.StaticCache(model, cache, 40)
-        tok = torch.randint(0, 64, (2, 1), device=KERNEL_DEVICE)
-        for _ in range(8):   # the ring buffer of 4 wraps
-            want = model.set_kernels("torch", chunk_size=16).decode_step(tok, plain)
-            got = model.set_kernels("triton", chunk_size=16).decode_step(tok, fused)
-            assert rel_err(got, want) <= 1e-5, f"logits rel err {rel_err(got, want):.1e}"
+        caches = []
+        for m in (ref, model):
+            cache = m.new_cache()
+            m.set_kernels("torch", chunk_size=16)(prompt.to(m.lm_head.weight.device), cache=cache)
+            caches.append(decode.StaticCache(m, cache, 40))
+        model.set_kernels("triton", chunk_size=16)
+        tok = torch.randint(0, 64, (2, 1))
+        for step in range(8):
+            want = ref.decode_step(tok, caches[0])
+            got = model.decode_step(tok.to(KERNEL_DEVICE), caches[1]).cpu()
+            assert rel_err(got, want) <= tol, f"step {step}: logits rel err {rel_err(got, want):.1e}"
             tok = want.argmax(-1, keepdim=True)
-    for (l, name, a), (_, _, b) in zip(plain.tensors(), fused.tensors(), strict=True):
-        assert rel_err(b, a) <= 1e-5, f"layer {l} {name}: rel err {rel_err(b, a):.1e}"
+    for (l, name, a), (_, _, b) in zip(caches[0].tensors(), caches[1].tensors(), strict=True):
+        assert rel_err(b.cpu(), a) <= tol, f"layer {l} {name}: rel err {rel_err(b.cpu(), a):.1e}"
 
 
 @needs_kernel
@@ -535,6 +555,15 @@ def test_triton_decode_step_compiles_into_each_block_as_one_operator_that_update
     (q, k, v, i, f), state = step_sequence(B=2, NH=2, T=1, DQK=16, DV=16)
     args = [x[:, :, 0].float().to(KERNEL_DEVICE) for x in (q, k, v, i, f)] + [s.float().to(KERNEL_DEVICE) for s in state]
     torch.library.opcheck(mlstm_triton._step_op, args + [1e-6])
+    B, NH, D, K, S = 2, 2, 16, 4, 4
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(KERNEL_DEVICE)
+    proj = rand(B, 1, 4 * NH * D + 3 * NH)
+    qkv, o, i, f, mod = proj.split([3 * NH * D, NH * D, NH, NH, NH], dim=-1)
+    torch.library.opcheck(mlstm_triton._layer_step_op, [
+        qkv, o, i, f, mod, rand(B, K - 1, 3 * NH * D), rand(3 * NH * D, K), rand(3 * NH * D), rand(B, NH, D, D),
+        rand(B, NH, D), rand(B, NH), rand(B, NH, S, D), rand(B, NH, S, D), torch.tensor(5, device=KERNEL_DEVICE),
+        rand(NH * D), 15.0, 10000.0, 1e-6])
 
 
 @needs_triton
@@ -553,6 +582,31 @@ def test_triton_decode_step_refuses_what_it_cannot_run():
         mlstm_step_triton(q, k, v, i[:, :1], f, state)
     with pytest.raises(ValueError, match="no backward"):
         mlstm_step_triton(q.requires_grad_(), k, v, i, f, state)
+
+
+@needs_triton
+def test_triton_layer_decode_step_refuses_what_it_cannot_run():
+    from mlstm_triton import mlstm_layer_step_triton
+    B, NH, D, K, S = 2, 2, 16, 4, 4
+    proj = torch.randn(B, 1, 4 * NH * D + 3 * NH)
+    qkv, o, i, f, mod = proj.split([3 * NH * D, NH * D, NH, NH, NH], dim=-1)
+    conv, w, b = torch.randn(B, K - 1, 3 * NH * D), torch.randn(3 * NH * D, 1, K)[:, 0, :], torch.randn(3 * NH * D)
+    state = (torch.randn(B, NH, D, D), torch.randn(B, NH, D), torch.randn(B, NH))
+    rings = (torch.randn(B, NH, S, D), torch.randn(B, NH, S, D))
+    pos, nw = torch.tensor(5), torch.ones(NH * D)
+    run = lambda **kw: mlstm_layer_step_triton(**{**dict(qkv=qkv, o=o, i=i, f=f, mod=mod, conv=conv, conv_w=w,
+                                                         conv_b=b, state=state, k_ring=rings[0], v_ring=rings[1],
+                                                         pos=pos, norm_weight=nw), **kw})
+    with pytest.raises(ValueError, match="head size D that is a power of two"):
+        run(i=torch.randn(B, 1, 3), f=torch.randn(B, 1, 3), mod=torch.randn(B, 1, 3))
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 8, 16\) where it expects \(2, 2, 4, 16\)"):
+        run(v_ring=torch.randn(B, NH, 8, D))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        run(k_ring=rings[0].transpose(-1, -2).contiguous().transpose(-1, -2))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        run(state=(state[0].double(), *state[1:]))
+    with pytest.raises(ValueError, match="no backward"):
+        run(qkv=qkv.clone().requires_grad_())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and triton")
