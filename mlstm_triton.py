@@ -627,7 +627,7 @@ def _conv_step(X, RING, W, WB, col, CH3, K: tl.constexpr, KP: tl.constexpr):
 
 @triton.jit
 def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, sqkv, so, si, sf, smod, sy, NH, S,
-                cap, eps, log2_base, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr,
+                cap, eps, log2_base, sqrt_d, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr,
                 HAS_CONV: tl.constexpr, HAS_SWA: tl.constexpr, MODULATION: tl.constexpr, HAS_CAP: tl.constexpr):
     """blalm.MLSTMLayer.forward for one token of head bh = (b, h), from the input projection's outputs (qkv, o, the
     gates) to what c_proj reads: the short conv (its ring of the last K-1 inputs shifted), the gates' soft cap, the
@@ -670,7 +670,7 @@ def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, s
         key2 = tl.where(now, kr2[None, :], tl.load(KR + rows + D // 2 + r2[None, :], mask=rs < S, other=0.0)).to(tl.float32)
         val = tl.where(now, vr[None, :], tl.load(VR + rows + rd[None, :], mask=rs < S, other=0.0)).to(tl.float32)
         score = (tl.sum((q1 * cos - q2 * sin)[None, :] * key1, axis=1)
-                 + tl.sum((q2 * cos + q1 * sin)[None, :] * key2, axis=1)) / tl.sqrt(D * 1.0)
+                 + tl.sum((q2 * cos + q1 * sin)[None, :] * key2, axis=1)) / sqrt_d
         score = tl.where((tl.arange(0, SP) <= pos) & (tl.arange(0, SP) < S), score, float("-inf"))
         p = tl.exp(score - tl.max(score, axis=0))
         y = tl.sum(p[:, None] * val, axis=0) / tl.sum(p, axis=0)
@@ -688,8 +688,7 @@ def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, s
         tl.store(KR + slot_row + r2, kr1)
         tl.store(KR + slot_row + D // 2 + r2, kr2)
         tl.store(VR + slot_row + rd, vr)
-    scale = 1.0 / tl.sqrt(D * 1.0)
-    out = _cell(q1 * scale, q2 * scale, k1, k2, v, i, f, C, N, M, bh, eps, D, D)
+    out = _cell(q1 / sqrt_d, q2 / sqrt_d, k1, k2, v, i, f, C, N, M, bh, eps, D, D)
     mean = tl.sum(out, axis=0) / D
     var = tl.sum((out - mean) * (out - mean), axis=0) / D
     out = (out - mean) / tl.sqrt(var + 1e-5)                    # F.layer_norm over the head, no weight
@@ -764,7 +763,7 @@ def _layer_step_op(qkv: torch.Tensor, o: torch.Tensor, i: torch.Tensor, f: torch
     _layer_step[(B * NH,)](qkv, o, i, f, mod_, *((conv, conv_w, conv_b) if K else (none,) * 3), C, n, m,
                            *((k_ring, v_ring) if S else (none,) * 2), pos, norm_weight, y, qkv.stride(0),
                            o.stride(0), i.stride(0), f.stride(0), mod_.stride(0), y.stride(0), NH, max(S, 1),
-                           softcap or 1.0, eps, math.log2(rotary_base), D=C3 // 3 // NH, K=max(K, 1),
+                           softcap or 1.0, eps, math.log2(rotary_base), math.sqrt(C3 // 3 // NH), D=C3 // 3 // NH, K=max(K, 1),
                            KP=triton.next_power_of_2(max(K - 1, 1)), SP=triton.next_power_of_2(max(S, 1)),
                            HAS_CONV=K > 0, HAS_SWA=S > 0, MODULATION=mod is not None, HAS_CAP=softcap > 0,
                            num_warps=4 if triton.next_power_of_2(max(S, 1)) * C3 // 3 // NH <= 8192 else 8)
