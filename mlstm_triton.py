@@ -535,14 +535,16 @@ def _cell(q1, q2, k1, k2, v, i, f, C, N, M, bh, eps, DQK: tl.constexpr, DV: tl.c
 
 
 @triton.jit
-def _step(Q, K, V, I, Fg, C, N, M, H, sqb, sqh, skb, skh, svb, svh, sib, sih, sfb, sfh, shb, shh, NH, sqrt_dqk,
-          eps, DQK: tl.constexpr, DV: tl.constexpr):
-    """blalm.mlstm_step for head bh = (b, h), in the state's dtype (float32; float64 in the tests)."""
+def _step(Q, K, V, I, Fg, C, N, M, H, sqb, sqh, skb, skh, svb, svh, sib, sih, sfb, sfh, shb, shh, NH, eps,
+          DQK: tl.constexpr, DV: tl.constexpr):
+    """blalm.mlstm_step for head bh = (b, h), in the state's dtype (float32; float64 in the tests: sqrt(DQK) is
+    taken in it, while eps, a float argument, arrives as float32 on a GPU)."""
     bh = tl.program_id(0)
     b, h = bh // NH, bh % NH
     dt = C.dtype.element_ty
     r2 = tl.arange(0, DQK // 2)
     q, k = Q + b * sqb + h * sqh + r2, K + b * skb + h * skh + r2
+    sqrt_dqk = tl.sqrt(tl.full((), DQK, dt))
     q1, q2 = tl.load(q).to(dt) / sqrt_dqk, tl.load(q + DQK // 2).to(dt) / sqrt_dqk
     k1, k2 = tl.load(k).to(dt), tl.load(k + DQK // 2).to(dt)
     v = tl.load(V + b * svb + h * svh + tl.arange(0, DV)).to(dt)
@@ -593,7 +595,7 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
     h = torch.empty(B, NH, DV, dtype=v.dtype, device=v.device)
     _step[(B * NH,)](q, k, v, i, f, C, n, m, h, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                      v.stride(1), i.stride(0), i.stride(1), f.stride(0), f.stride(1), h.stride(0), h.stride(1), NH,
-                     math.sqrt(DQK), eps, DQK=DQK, DV=DV, num_warps=4)
+                     eps, DQK=DQK, DV=DV, num_warps=4 if DQK * DV <= 64 * 64 else 8)   # 8: no spills at 128 x 128
     return h
 
 
@@ -627,7 +629,7 @@ def _conv_step(X, RING, W, WB, col, CH3, K: tl.constexpr, KP: tl.constexpr):
 
 @triton.jit
 def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, sqkv, so, si, sf, smod, sy, NH, S,
-                cap, eps, log2_base, sqrt_d, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr,
+                cap, eps, base, sqrt_d, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SP: tl.constexpr,
                 HAS_CONV: tl.constexpr, HAS_SWA: tl.constexpr, MODULATION: tl.constexpr, HAS_CAP: tl.constexpr):
     """blalm.MLSTMLayer.forward for one token of head bh = (b, h), from the input projection's outputs (qkv, o, the
     gates) to what c_proj reads: the short conv (its ring of the last K-1 inputs shifted), the gates' soft cap, the
@@ -657,7 +659,9 @@ def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, s
     if HAS_SWA:
         pos = tl.load(POS)
         slot = pos % S
-        ang = pos.to(tl.float32) * tl.exp2(-(2.0 * r2.to(tl.float32) / D) * log2_base)
+        # blalm.rotary's angles: inv_freq = base^(-2j/D) (here in float64, rounded once to float32), times pos
+        inv_freq = tl.exp2(-(2.0 * r2.to(tl.float64) / D) * tl.log2(tl.full((), base, tl.float64)))
+        ang = pos.to(tl.float32) * inv_freq.to(tl.float32)
         cos, sin = tl.cos(ang), tl.sin(ang)
         ring_dt = KR.dtype.element_ty   # the new key and value as the ring keeps them
         kr1 = (k1 * cos - k2 * sin).to(ring_dt)
@@ -735,8 +739,13 @@ def mlstm_layer_step_triton(qkv, o, i, f, mod, conv, conv_w, conv_b, state, k_ri
                          "place: they must be contiguous")
     if conv is not None and conv_w.stride() != (K, 1):
         raise ValueError(f"conv_w strides {conv_w.stride()}: the Triton layer step needs ({K}, 1)")
-    if any(x.stride(-1) != 1 for x in (qkv, o, i, f)):
-        raise ValueError("qkv, o, i, f: the Triton layer step needs their last dim contiguous (stride 1)")
+    if any(x.stride(-1) != 1 for x in (qkv, o, i, f) + ((mod,) if mod is not None else ())):
+        raise ValueError("qkv, o, i, f, mod: the Triton layer step needs their last dim contiguous (stride 1)")
+    if not norm_weight.is_contiguous() or (conv is not None and not conv_b.is_contiguous()):
+        raise ValueError("norm_weight, conv_b: the Triton layer step needs them contiguous")
+    if pos.dim() != 0 or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"pos: the Triton layer step needs a 0-dim integer tensor, got {pos.dtype} of shape "
+                         f"{tuple(pos.shape)}")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (qkv, o, i, f, *updated)):
         raise ValueError("mlstm_layer_step_triton has no backward (decoding only): call it under torch.no_grad()")
     if not qkv.is_cuda and not INTERPRETED:
@@ -763,7 +772,7 @@ def _layer_step_op(qkv: torch.Tensor, o: torch.Tensor, i: torch.Tensor, f: torch
     _layer_step[(B * NH,)](qkv, o, i, f, mod_, *((conv, conv_w, conv_b) if K else (none,) * 3), C, n, m,
                            *((k_ring, v_ring) if S else (none,) * 2), pos, norm_weight, y, qkv.stride(0),
                            o.stride(0), i.stride(0), f.stride(0), mod_.stride(0), y.stride(0), NH, max(S, 1),
-                           softcap or 1.0, eps, math.log2(rotary_base), math.sqrt(C3 // 3 // NH), D=C3 // 3 // NH, K=max(K, 1),
+                           softcap or 1.0, eps, rotary_base, math.sqrt(C3 // 3 // NH), D=C3 // 3 // NH, K=max(K, 1),
                            KP=triton.next_power_of_2(max(K - 1, 1)), SP=triton.next_power_of_2(max(S, 1)),
                            HAS_CONV=K > 0, HAS_SWA=S > 0, MODULATION=mod is not None, HAS_CAP=softcap > 0,
                            num_warps=4 if triton.next_power_of_2(max(S, 1)) * C3 // 3 // NH <= 8192 else 8)
