@@ -513,7 +513,8 @@ class MLSTMLayer(nn.Module):
             if cache is None and self.form == "parallel":
                 return mlstm_parallel(q, k, v, i, f)
             if cache is not None and cache.static and q.size(2) == 1 and self.kernel == "triton":
-                # decoding with the fused step (mlstm_triton.py): one kernel, the cache's state updated in place
+                # the fused step alone (mlstm_triton.py), for a layer with feature maps (without, forward's
+                # decode_step_triton takes the whole layer): one kernel, the cache's state updated in place
                 from mlstm_triton import mlstm_step_triton
                 return mlstm_step_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
                                          cache.mlstm)[:, :, None]

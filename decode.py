@@ -107,7 +107,7 @@ class StaticCache(DecodeCache):
             for name in ("mlstm", "conv", "state"):
                 value = getattr(eager, name)
                 if value is not None:
-                    # contiguous: the fused decoding step (mlstm_triton.mlstm_step_triton) updates it in place
+                    # contiguous: the fused decoding steps (mlstm_triton.py) update them in place
                     setattr(layer, name, tuple(t.clone(memory_format=torch.contiguous_format) for t in value)
                             if isinstance(value, tuple) else value.clone(memory_format=torch.contiguous_format))
             if eager.k is not None:  # the keys of positions pos-n..pos-1 go to their slots
