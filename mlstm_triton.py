@@ -670,9 +670,12 @@ def _layer_step(QKV, O, I, Fg, MOD, RING, CW, CB, C, N, M, KR, VR, POS, NW, Y, s
         rs = tl.arange(0, SP)[:, None]
         rows = (bh.to(tl.int64) * S + rs) * D
         now = rs == slot   # the slot of this position: its new key and value, not the ring's old ones
-        key1 = tl.where(now, kr1[None, :], tl.load(KR + rows + r2[None, :], mask=rs < S, other=0.0)).to(tl.float32)
-        key2 = tl.where(now, kr2[None, :], tl.load(KR + rows + D // 2 + r2[None, :], mask=rs < S, other=0.0)).to(tl.float32)
-        val = tl.where(now, vr[None, :], tl.load(VR + rows + rd[None, :], mask=rs < S, other=0.0)).to(tl.float32)
+        key1 = tl.load(KR + rows + r2[None, :], mask=rs < S, other=0.0)
+        key2 = tl.load(KR + rows + D // 2 + r2[None, :], mask=rs < S, other=0.0)
+        val = tl.load(VR + rows + rd[None, :], mask=rs < S, other=0.0)
+        key1 = tl.where(now, kr1[None, :], key1).to(tl.float32)
+        key2 = tl.where(now, kr2[None, :], key2).to(tl.float32)
+        val = tl.where(now, vr[None, :], val).to(tl.float32)
         score = (tl.sum((q1 * cos - q2 * sin)[None, :] * key1, axis=1)
                  + tl.sum((q2 * cos + q1 * sin)[None, :] * key2, axis=1)) / sqrt_d
         score = tl.where((tl.arange(0, SP) <= pos) & (tl.arange(0, SP) < S), score, float("-inf"))
