@@ -102,7 +102,7 @@ class StaticCache(DecodeCache):
         self.max_len = max_len
         self.pos = torch.tensor(cache.pos, device=device)
         self.layers = []
-        for eager in cache.layers:
+        for eager, block in zip(cache.layers, model.transformer.h, strict=True):
             layer = LayerCache(static=True)
             for name in ("mlstm", "conv", "state"):
                 value = getattr(eager, name)
@@ -115,13 +115,12 @@ class StaticCache(DecodeCache):
                 slot = torch.arange(cache.pos - n, cache.pos, device=device) % slots
                 layer.k = eager.k.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.k)
                 layer.v = eager.v.new_zeros(B, NH, slots, D).index_copy_(2, slot, eager.v)
-            self.layers.append(layer)
-        # an mLSTM layer's input projections stacked once (MLSTMLayer.in_weights), not at every token: the weights as
-        # they are now, for this cache's decoding
-        for layer, block in zip(self.layers, model.transformer.h):
+            # an mLSTM layer's input projections stacked once (MLSTMLayer.in_weights), not at every token: the
+            # weights as they are now, for this cache's decoding
             if hasattr(block.mixer, "in_weights"):
                 with torch.no_grad():
                     layer.in_weights = block.mixer.in_weights()
+            self.layers.append(layer)
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

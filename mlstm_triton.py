@@ -462,6 +462,19 @@ def _is_power_of_two_in(x, lo, hi):
     return lo <= x <= hi and x & (x - 1) == 0
 
 
+def _check_device(x, what):
+    """The kernels run on CUDA tensors, or on CPU ones under the interpreter: else a one-line error."""
+    if not x.is_cuda and not INTERPRETED:
+        raise ValueError(f"{what} needs CUDA tensors, got device {x.device}; on the CPU it runs only under the "
+                         "Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def _check_no_grad(what, tensors):
+    """The decoding kernels have no backward: refuse inputs that would need one."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        raise ValueError(f"{what} has no backward (decoding only): call it under torch.no_grad()")
+
+
 def mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=64, state=None, return_state=False, eps=1e-6):
     """blalm.mlstm_chunkwise's contract, fused: q, k: (B, NH, T, DQK); v: (B, NH, T, DV) in float32, float16 or
     bfloat16 (rows contiguous; other strides are fine); i, f: (B, NH, T) gate pre-activations; state (C, n, m)
@@ -482,9 +495,7 @@ def mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=64, state=None, return_stat
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: the Triton kernel needs one of "
                          "float32, float16, bfloat16 for all three (float64: use kernel='torch')")
-    if not q.is_cuda and not INTERPRETED:
-        raise ValueError(f"kernel='triton' needs CUDA tensors, got device {q.device}; on the CPU it runs only "
-                         "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    _check_device(q, "kernel='triton'")
     NC = (T + L - 1) // L
     pad = NC * L - T
     # padded steps forget nothing (log f = 0) and write nothing (i = -inf): the state passes through
@@ -577,11 +588,8 @@ def mlstm_step_triton(q, k, v, i, f, state, eps=1e-6):
         raise ValueError("the Triton step updates the state in place: C, n, m must be contiguous")
     if any(x.stride(-1) != 1 for x in (q, k, v)):
         raise ValueError("q, k, v: the Triton step needs the last dim contiguous (stride 1)")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, i, f, C, n, m)):
-        raise ValueError("mlstm_step_triton has no backward (decoding only): call it under torch.no_grad()")
-    if not q.is_cuda and not INTERPRETED:
-        raise ValueError(f"the Triton step needs CUDA tensors, got device {q.device}; on the CPU it runs only "
-                         "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    _check_no_grad("mlstm_step_triton", (q, k, v, i, f, C, n, m))
+    _check_device(q, "the Triton step")
     return _step_op(q, k, v, i, f, C, n, m, eps)
 
 
@@ -749,11 +757,8 @@ def mlstm_layer_step_triton(qkv, o, i, f, mod, conv, conv_w, conv_b, state, k_ri
     if pos.dim() != 0 or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"pos: the Triton layer step needs a 0-dim integer tensor, got {pos.dtype} of shape "
                          f"{tuple(pos.shape)}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (qkv, o, i, f, *updated)):
-        raise ValueError("mlstm_layer_step_triton has no backward (decoding only): call it under torch.no_grad()")
-    if not qkv.is_cuda and not INTERPRETED:
-        raise ValueError(f"the Triton layer step needs CUDA tensors, got device {qkv.device}; on the CPU it runs "
-                         "only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    _check_no_grad("mlstm_layer_step_triton", (qkv, o, i, f, *updated))
+    _check_device(qkv, "the Triton layer step")
     return _layer_step_op(qkv, o, i, f, mod, conv, conv_w, conv_b, *state, k_ring, v_ring, pos, norm_weight,
                           float(softcap), float(rotary_base), eps)
 

@@ -18,19 +18,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from data import load_tokenizer
-
-LOGS = Path(__file__).resolve().parent / "logs"
+from results.study3.table import LOGS, suite
 
 
 def et_by_ops(run):
     """-> {number of operations: accuracy (%)} of one run: the mean over the task's three files of the per-file
     scores its evaluation JSON keeps by uid (FILE_N_ops)."""
-    for name in (f"{run}.eval.json", f"{run}.rest.json"):
-        path = LOGS / name
-        uids = json.loads(path.read_text())["babylm"]["uids"].get("entity_tracking") if path.exists() else None
-        if uids:
-            break
-    else:
+    if not (LOGS / f"{run}.eval.json").exists():
+        sys.exit(f"et_lengths.py: no evaluation of run {run!r} in {LOGS}")
+    uids = suite(run)["uids"].get("entity_tracking")
+    if not uids:
         sys.exit(f"et_lengths.py: no entity-tracking scores for run {run!r} in {LOGS}")
     by_ops = defaultdict(list)
     for uid, score in uids.items():

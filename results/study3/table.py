@@ -25,22 +25,30 @@ COLUMNS = ("words seen", "val loss", "BLiMP 22", "BLiMP dev 12", "supplement", "
            "reading eye / SPR")
 
 
-def scores(name):
-    """-> dict of the table's columns for one run (None where the run has no such number)."""
-    log = [json.loads(line) for line in open(LOGS / name / "log.jsonl")]
-    last_eval = [r for r in log if r["kind"] == "eval"][-1]
+def suite(name):
+    """-> one run's BabyLM scores (tasks, uids, reading) from NAME.eval.json, joined by NAME.rest.json's where a
+    cut-off evaluation had its missing tasks scored later on the same checkpoint."""
     suite = json.load(open(LOGS / f"{name}.eval.json"))["babylm"]
-    tasks = dict(suite["tasks"])  # an evaluation cut off at the call's time limit holds the tasks it finished
-    blimp = suite["uids"]["blimp_filtered"]
+    tasks, uids = dict(suite["tasks"]), dict(suite["uids"])   # a cut-off evaluation: the tasks it finished
     reading = suite.get("reading")
-    rest = LOGS / f"{name}.rest.json"  # the tasks a cut-off evaluation lacked, scored later on the same checkpoint
+    rest = LOGS / f"{name}.rest.json"
     if rest.exists():
         more = json.load(open(rest))["babylm"]
         clash = set(more["tasks"]) & set(tasks)
         if clash:
             raise SystemExit(f"{rest.name} scores {sorted(clash)} again; {name}.eval.json already has them")
         tasks.update(more["tasks"])
+        uids.update(more["uids"])
         reading = reading or more.get("reading")
+    return {"tasks": tasks, "uids": uids, "reading": reading}
+
+
+def scores(name):
+    """-> dict of the table's columns for one run (None where the run has no such number)."""
+    log = [json.loads(line) for line in open(LOGS / name / "log.jsonl")]
+    last_eval = [r for r in log if r["kind"] == "eval"][-1]
+    s = suite(name)
+    tasks, blimp, reading = s["tasks"], s["uids"]["blimp_filtered"], s["reading"]
     return {"words seen": last_eval["words"] / 1e6, "val loss": last_eval["val_loss"],
             "BLiMP 22": tasks["blimp_filtered"],
             "BLiMP dev 12": statistics.mean(v for k, v in blimp.items() if k in DEV12),
