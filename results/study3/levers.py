@@ -24,6 +24,7 @@ GROUPS = [
     (REFERENCE, "the preset: 6 epochs + dropout 0.1, window 128, 3 seeds", "o", "tab:blue"),
     (("swa256_ep6", "swa256_ep6_s2", "swa256_ep6_s3"), "SWA window 256, 3 seeds", "h", "tab:olive"),
     (("swa512_ep6", "swa512_ep6_s2"), "SWA window 512, 2 seeds", "p", "tab:cyan"),
+    (("deep16_ep6", "deep16_ep6_s2"), "16 layers x 384 (same size), 2 seeds", ">", "black"),
     (("adamw_ep6_do", "adamw_ep6_do_s2"), "BLaLM + AdamW, 2 seeds", "s", "tab:orange"),
     (("adamw_swa256_ep6", "adamw_swa256_ep6_s2"), "BLaLM + AdamW, window 256, 2 seeds", "<", "tab:pink"),
     (("softmax_ep6_do", "softmax_ep6_do_s2"), "softmax + AdamW, 2 seeds", "v", "tab:red"),
@@ -60,7 +61,7 @@ def main():
                        label=label, s=36)
         if i == 0:   # GPT-BERT's eye-tracking (9.89) is far off the second panel's scale: it is named in the title
             ax.scatter(GPT_BERT[x], GPT_BERT[y], marker="*", s=160, color="black",
-                       label="GPT-BERT (the target; BLiMP on all 67)")
+                       label="GPT-BERT (target; BLiMP on 67)")
             handles, labels = ax.get_legend_handles_labels()
         else:
             ax.set_title(f"GPT-BERT: {GPT_BERT[x]} / {GPT_BERT[y]}, off the scale", fontsize=9)
