@@ -1116,6 +1116,17 @@ def test_generate_prompts_of_different_lengths_decode_each_row_as_if_alone(varia
     assert int(sampled.min()) >= 0 and int(sampled.max()) < 61
 
 
+@pytest.mark.parametrize("B,V,k", [(1, 4096, 50), (3, 16384, 1), (2, 16384, 1024), (2, 3000, 7), (1, 2048, 2048)])
+def test_kth_largest_is_the_kth_value_of_the_sorted_row(B, V, k):
+    torch.manual_seed(V + k)
+    x = torch.randn(B, V, dtype=torch.float64)
+    x[:, : V // 4] = torch.randint(-3, 3, (B, V // 4)).double()   # ties, across chunks too
+    x[0, 5] = float("-inf")
+    want = torch.sort(x, dim=-1, descending=True).values[:, k - 1: k]  # the definition
+    assert torch.equal(decode.kth_largest(x, k), want)
+    assert torch.equal(decode.kth_largest(x.float(), k, chunk=256), want.float())
+
+
 def test_sample_next_draws_from_the_softmax_of_the_top_k_logits():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0], dtype=torch.float64)
     torch.manual_seed(0)
