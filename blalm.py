@@ -479,10 +479,10 @@ class MLSTMLayer(nn.Module):
         seven: decoding at batch 1 is launch-bound, and the gates have only n_head outputs each. The zero rows
         keep the product's rows 16-byte aligned in bfloat16 (4C + 3 * 7 = 1813 for the preset; 1816 padded),
         which cuBLAS's tensor-core kernels want, in its backward too."""
-        C, pad = self.q_proj.weight.size(1), self.in_split[-1]
+        C, pad, gates = self.q_proj.weight.size(1), self.in_split[-1], self.gates()
         W = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_gate.weight]
-                      + [g.weight for g in self.gates()] + [self.q_proj.weight.new_zeros(pad, C)])
-        b = torch.cat([W.new_zeros(4 * C)] + [g.bias for g in self.gates()] + [W.new_zeros(pad)])  # q, k, v, o: no bias
+                      + [g.weight for g in gates] + [self.q_proj.weight.new_zeros(pad, C)])
+        b = torch.cat([W.new_zeros(4 * C)] + [g.bias for g in gates] + [W.new_zeros(pad)])  # q, k, v, o: no bias
         return W, b
 
     def gates(self):

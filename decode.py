@@ -102,14 +102,14 @@ class StaticCache(DecodeCache):
         self.max_len = max_len
         self.pos = torch.tensor(cache.pos, device=device)
         self.layers = []
+        # copies, contiguous: the fused decoding steps (mlstm_triton.py) update them in place
+        copy = lambda t: t.clone(memory_format=torch.contiguous_format)
         for eager, block in zip(cache.layers, model.transformer.h, strict=True):
             layer = LayerCache(static=True)
             for name in ("mlstm", "conv", "state"):
                 value = getattr(eager, name)
                 if value is not None:
-                    # contiguous: the fused decoding steps (mlstm_triton.py) update them in place
-                    setattr(layer, name, tuple(t.clone(memory_format=torch.contiguous_format) for t in value)
-                            if isinstance(value, tuple) else value.clone(memory_format=torch.contiguous_format))
+                    setattr(layer, name, tuple(map(copy, value)) if isinstance(value, tuple) else copy(value))
             if eager.k is not None:  # the keys of positions pos-n..pos-1 go to their slots
                 B, NH, n, D = eager.k.shape
                 slot = torch.arange(cache.pos - n, cache.pos, device=device) % slots

@@ -771,19 +771,22 @@ def _layer_step_op(qkv: torch.Tensor, o: torch.Tensor, i: torch.Tensor, f: torch
                    rotary_base: float, eps: float) -> torch.Tensor:
     B, _, C3 = qkv.shape
     NH = i.size(-1)
+    D = C3 // 3 // NH
     K = conv_w.size(-1) if conv is not None else 0
     S = k_ring.size(2) if k_ring is not None else 0
+    SP = triton.next_power_of_2(max(S, 1))
     y = qkv.new_empty(B, 1, C3 // 3)
     none = y   # the pointer given for a branch the layer does not have (its code is compiled out, never read)
-    # 4 warps hold a window of up to 128 keys of 64 in registers (SP x D floats); wider windows get 8 (unmeasured)
     mod_ = none if mod is None else mod
     _layer_step[(B * NH,)](qkv, o, i, f, mod_, *((conv, conv_w, conv_b) if K else (none,) * 3), C, n, m,
                            *((k_ring, v_ring) if S else (none,) * 2), pos, norm_weight, y, qkv.stride(0),
                            o.stride(0), i.stride(0), f.stride(0), mod_.stride(0), y.stride(0), NH, max(S, 1),
-                           softcap or 1.0, eps, rotary_base, math.sqrt(C3 // 3 // NH), D=C3 // 3 // NH, K=max(K, 1),
-                           KP=triton.next_power_of_2(max(K - 1, 1)), SP=triton.next_power_of_2(max(S, 1)),
+                           softcap or 1.0, eps, rotary_base, math.sqrt(D), D=D, K=max(K, 1),
+                           KP=triton.next_power_of_2(max(K - 1, 1)), SP=SP,
                            HAS_CONV=K > 0, HAS_SWA=S > 0, MODULATION=mod is not None, HAS_CAP=softcap > 0,
-                           num_warps=4 if triton.next_power_of_2(max(S, 1)) * C3 // 3 // NH <= 8192 else 8)
+                           # 4 warps hold a window of up to 128 keys of 64 in registers (SP x D floats); wider
+                           # windows get 8 (unmeasured)
+                           num_warps=4 if SP * D <= 8192 else 8)
     return y
 
 
