@@ -3844,6 +3844,41 @@ def test_presets_set_the_babylm_budgets_and_flags_override_them():
 
 
 
+def test_every_queued_study_run_parses_before_a_device_call_is_spent_on_it():
+    """results/study3: study.sh runs train.py with its COMMON flags and then a queue.txt line's; a typo there would
+    cost a lent GPU call. Every line must pass train.py's own checks, name bins that exist or that bins.txt
+    prepares, and every bins.txt line must pass prepare.py's."""
+    study = ROOT / "results" / "study3"
+    sh = (study / "study.sh").read_text()
+    common_flags = []
+    for line in re.findall(r'^COMMON="([^"]*)"', sh, flags=re.M):
+        common_flags += [f for f in line.split() if f != "$COMMON"]
+    assert any(f.startswith("--preset=") for f in common_flags), "study.sh's COMMON lost its preset"
+    common_flags = [f.replace("$D", ".bins/strict_small") for f in common_flags]
+
+    def lines(name):
+        for raw in (study / name).read_text().splitlines():
+            text = raw.split("#", 1)[0].split()
+            if text:
+                yield text[0], text[1:]
+
+    bins = dict(lines("bins.txt"))
+    for name, flags in bins.items():
+        prepare.parse_args(["--source=corpus", "--budget_words=10000000", *flags], prepare.DataConfig)
+    names = []
+    for name, flags in lines("queue.txt"):
+        names.append(name)
+        try:
+            train.parse_config(common_flags + flags + [f"--out_dir=runs/study3/{name}"])
+        except ValueError as e:
+            pytest.fail(f"queue.txt line {name!r}: {e}")
+        for data in (f.split("=", 1)[1] for f in flags if f.startswith("--data=")):
+            assert data == ".bins/strict_small" or Path(data).name in bins, f"{name}: no bins.txt line for {data}"
+    assert len(names) == len(set(names)), "a run name appears twice in queue.txt"
+    with pytest.raises(ValueError, match="max_epoch"):   # the check would catch a typo in a line
+        train.parse_config(common_flags + ["--max_epoch=8"])
+
+
 def test_presets_prepare_one_raw_corpus_into_folders_of_their_own():
     cpu, _ = train.parse_config(["--preset=cpu", "--data=corpora/books"])
     small, _ = train.parse_config(["--preset=strict_small", "--data=corpora/books"])
