@@ -603,8 +603,13 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
     h = torch.empty(B, NH, DV, dtype=v.dtype, device=v.device)
     _step[(B * NH,)](q, k, v, i, f, C, n, m, h, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                      v.stride(1), i.stride(0), i.stride(1), f.stride(0), f.stride(1), h.stride(0), h.stride(1), NH,
-                     eps, DQK=DQK, DV=DV, num_warps=4 if DQK * DV <= 64 * 64 else 8)   # 8: no spills at 128 x 128
+                     eps, DQK=DQK, DV=DV, num_warps=_step_warps(DQK, DV))
     return h
+
+
+def _step_warps(DQK, DV):
+    """_step's warps (also what results/kernels/compile_check.py compiles): 8 above 64 x 64, no spills at 128 x 128."""
+    return 4 if DQK * DV <= 64 * 64 else 8
 
 
 @_step_op.register_fake
@@ -774,20 +779,26 @@ def _layer_step_op(qkv: torch.Tensor, o: torch.Tensor, i: torch.Tensor, f: torch
     D = C3 // 3 // NH
     K = conv_w.size(-1) if conv is not None else 0
     S = k_ring.size(2) if k_ring is not None else 0
-    SP = triton.next_power_of_2(max(S, 1))
+    sizes, warps = _layer_step_sizes(D, K, S)
     y = qkv.new_empty(B, 1, C3 // 3)
     none = y   # the pointer given for a branch the layer does not have (its code is compiled out, never read)
     mod_ = none if mod is None else mod
     _layer_step[(B * NH,)](qkv, o, i, f, mod_, *((conv, conv_w, conv_b) if K else (none,) * 3), C, n, m,
                            *((k_ring, v_ring) if S else (none,) * 2), pos, norm_weight, y, qkv.stride(0),
                            o.stride(0), i.stride(0), f.stride(0), mod_.stride(0), y.stride(0), NH, max(S, 1),
-                           softcap or 1.0, eps, rotary_base, math.sqrt(D), D=D, K=max(K, 1),
-                           KP=triton.next_power_of_2(max(K - 1, 1)), SP=SP,
+                           softcap or 1.0, eps, rotary_base, math.sqrt(D), **sizes,
                            HAS_CONV=K > 0, HAS_SWA=S > 0, MODULATION=mod is not None, HAS_CAP=softcap > 0,
-                           # 4 warps hold a window of up to 128 keys of 64 in registers (SP x D floats); wider
-                           # windows get 8 (unmeasured)
-                           num_warps=4 if SP * D <= 8192 else 8)
+                           num_warps=warps)
     return y
+
+
+def _layer_step_sizes(D, K, S):
+    """-> (_layer_step's size constexprs, its warps) for head size D, conv width K and S ring slots (0: no conv,
+    no SWA branch); also what results/kernels/compile_check.py compiles. 4 warps hold a window of up to 128 keys of
+    64 in registers (SP x D floats); wider windows get 8 (unmeasured)."""
+    SP = triton.next_power_of_2(max(S, 1))
+    sizes = dict(D=D, K=max(K, 1), KP=triton.next_power_of_2(max(K - 1, 1)), SP=SP)
+    return sizes, 4 if SP * D <= 8192 else 8
 
 
 @_layer_step_op.register_fake

@@ -61,17 +61,16 @@ def layer_case(dtype, D, K, S, n_head, conv=True, swa=True, modulation=True, cap
     types.update({name: PTR[dtype] for name in ("QKV", "O", "I", "Fg", "MOD", "RING", "CW", "CB", "KR", "VR",
                                                  "NW", "Y")})
     types.update(C="*fp32", N="*fp32", M="*fp32", POS="*i64", cap="fp32", eps="fp32", base="fp32", sqrt_d="fp32")
-    SP = triton.next_power_of_2(max(S, 1))
-    constexprs = dict(D=D, K=max(K, 1), KP=triton.next_power_of_2(max(K - 1, 1)), SP=SP, HAS_CONV=conv,
-                      HAS_SWA=swa, MODULATION=modulation, HAS_CAP=cap)
-    return mt._layer_step, types, constexprs, 4 if SP * D <= 8192 else 8
+    sizes, warps = mt._layer_step_sizes(D, K, S)
+    constexprs = dict(sizes, HAS_CONV=conv, HAS_SWA=swa, MODULATION=modulation, HAS_CAP=cap)
+    return mt._layer_step, types, constexprs, warps
 
 
 def step_case(dtype, state_dtype, DQK, DV):
     types = {name: "i32" for name in mt._step.arg_names}
     types.update(Q=PTR[dtype], K=PTR[dtype], V=PTR[dtype], H=PTR[dtype], I="*fp32", Fg="*fp32", C=PTR[state_dtype],
                  N=PTR[state_dtype], M=PTR[state_dtype], eps="fp32")
-    return mt._step, types, dict(DQK=DQK, DV=DV), 4 if DQK * DV <= 64 * 64 else 8
+    return mt._step, types, dict(DQK=DQK, DV=DV), mt._step_warps(DQK, DV)
 
 
 def main(argv=None):
