@@ -4,6 +4,7 @@ points printed as a table.
 
     python -m results.study3.curve              # ep6_do_s3: the preset (6 epochs + dropout 0.1), seed 3
     python -m results.study3.curve base         # the former preset (4 epochs), seed 1337: cut off after 20M words
+    python -m results.study3.curve ep8_do_s2    # the preset over 8 epochs, seed 2 (not kept: within the noise)
 """
 import json
 import re
@@ -42,7 +43,7 @@ def main(run="ep6_do_s3"):
         ax.axhline(y, color="gray", lw=0.8, ls="--")
         ax.text(words[0], y + 0.3, name, fontsize=7, color="gray")
     ax.set_xscale("log")
-    ticks = [1, 2, 5, 10, 20, 40, 60]
+    ticks = [t for t in (1, 2, 5, 10, 20, 40, 60, 80) if t <= max(words) * 1.05]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("words seen (millions; 10M = one epoch)")

@@ -1,4 +1,4 @@
-"""Every 6-epoch run of the study (and the two 8-epoch ones) on one picture, final checkpoints, in two panels: BLiMP
+"""Every 6-epoch run of the study (and the 8- and 10-epoch ones) on one picture, final checkpoints, in two panels: BLiMP
 (22 paradigms) against the supplement, and entity tracking against eye-tracking (% of the possible R² gain), each
 with the preset's (window 128) three-seed range shaded and GPT-BERT's scores marked -> levers.png, and the points
 printed.
@@ -26,8 +26,9 @@ GROUPS = [
     (("swa256_ep6", "swa256_ep6_s2", "swa256_ep6_s3"), "SWA window 256, 3 seeds", "h", "tab:olive"),
     (("swa512_ep6", "swa512_ep6_s2"), "SWA window 512, 2 seeds", "p", "tab:cyan"),
     (("deep16_ep6", "deep16_ep6_s2"), "16 layers x 384 (same size), 2 seeds", ">", "black"),
-    (("ep8_do",), "8 epochs (80M words)", "d", "darkgoldenrod"),
-    (("chhalf_ep8",), "CHILDES halved, 8 epochs (61M words)", "8", "teal"),
+    (("ep8_do", "ep8_do_s2"), "8 epochs (80M words), 2 seeds", "d", "darkgoldenrod"),
+    (("chhalf_ep8", "chhalf_ep8_s2"), "CHILDES halved, 8 epochs (61M words), 2 seeds", "8", "teal"),
+    (("chhalf_ep10",), "CHILDES halved, 10 epochs (77M words)", "H", "darkslategray"),
     (("adamw_ep6_do", "adamw_ep6_do_s2"), "BLaLM + AdamW, 2 seeds", "s", "tab:orange"),
     (("adamw_swa256_ep6", "adamw_swa256_ep6_s2"), "BLaLM + AdamW, window 256, 2 seeds", "<", "tab:pink"),
     (("softmax_ep6_do", "softmax_ep6_do_s2"), "softmax + AdamW, 2 seeds", "v", "tab:red"),
@@ -70,7 +71,7 @@ def main():
             ax.set_title(f"GPT-BERT: {GPT_BERT[x]} / {GPT_BERT[y]}, off the scale", fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    fig.suptitle("6-epoch runs and two 8-epoch ones, final checkpoints (one H100; shaded: the preset's seed range)",
+    fig.suptitle("6-epoch runs and the 8- and 10-epoch ones, final checkpoints (one H100; shaded: the preset's seed range)",
                  fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)  # below the panels: it covers no point
     fig.tight_layout(rect=(0, 0.13, 1, 1))
