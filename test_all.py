@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -71,6 +72,7 @@ from synthetic import synthetic_minimal_pairs
 import tasks
 from tasks import BUILTIN_PAIRS_PER_PHENOMENON, BUILTIN_SEED, load_pairs, Pair
 import train
+from results.study3.table import pooled_sd
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parent
@@ -3842,6 +3844,23 @@ def test_presets_set_the_babylm_budgets_and_flags_override_them():
     c, m = train.parse_config([])     # the model's defaults have one source: BLaLMConfig
     assert m == BLaLMConfig(vocab_size=1)
 
+
+
+def test_the_study_pools_its_seed_spread_as_the_groups_variances_weighted_by_their_degrees_of_freedom():
+    """results/study3/table.py --spread: the pooled standard deviation of groups of seeds must equal, squared, the
+    groups' sample variances (statistics.variance, each about its own mean) weighted by size - 1, so that a lever
+    that moves a whole group does not count as spread, and a group of one seed adds nothing."""
+    rng = random.Random(0)
+    groups = [[rng.gauss(mu, 0.7) for _ in range(n)] for mu, n in ((70.0, 3), (71.5, 2), (69.0, 2), (65.0, 5))]
+    sd, df = pooled_sd(groups)
+    assert df == 2 + 1 + 1 + 4
+    weighted = sum((len(g) - 1) * statistics.variance(g) for g in groups) / df
+    assert sd ** 2 == pytest.approx(weighted, rel=1e-12)
+    shifted = [[x + 10 * k for x in g] for k, g in enumerate(groups)]   # each group's own mean is taken out
+    assert pooled_sd(shifted)[0] == pytest.approx(sd, rel=1e-9)
+    assert pooled_sd(groups + [[99.0]]) == pytest.approx((sd, df), rel=1e-12)
+    with pytest.raises(SystemExit, match="two seeds"):
+        pooled_sd([[70.0], [71.0]])
 
 
 def test_every_queued_study_run_parses_before_a_device_call_is_spent_on_it():

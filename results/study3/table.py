@@ -5,6 +5,7 @@
     python results/study3/table.py --mean a,b c,d  # mean rows over seeds (comma-joined names), one per group
     python results/study3/table.py --paradigms a,b c,d   # BLiMP 22 by paradigm: a column per group (seed means)
     python results/study3/table.py --supplement a,b c,d  # the supplement by task, likewise
+    python results/study3/table.py --spread a,b c,d,e    # the seed-to-seed spread, pooled over groups of seeds
 
 A run whose evaluation was cut off has NAME.rest.json beside NAME.eval.json: the missing tasks, scored later on the
 same final checkpoint (eval.py --tasks=...); its scores join the row.
@@ -78,6 +79,35 @@ def mean_of(rows):
     return out
 
 
+def pooled_sd(groups):
+    """-> (the pooled within-group standard deviation, its degrees of freedom) of groups of numbers: each group's
+    squared deviations from its own mean, summed over the groups, over the sum of (size - 1)."""
+    df = sum(len(g) - 1 for g in groups)
+    if df < 1:
+        raise SystemExit("the spread needs at least one group of two seeds or more")
+    ss = sum(sum((x - statistics.mean(g)) ** 2 for x in g) for g in groups)
+    return (ss / df) ** 0.5, df
+
+
+def spread(groups):
+    """A markdown table of each score's seed-to-seed standard deviation, pooled over groups of runs that differ only
+    in the seed (each recipe's mean is taken out, so a lever that moves a score does not count as spread), and the
+    difference two recipes' means must exceed to be twice its standard error: SD * sqrt(2 / n) * 2, n seeds each."""
+    runs = [[scores(n) for n in g] for g in groups]
+    print("| score | seed SD (pooled) | degrees of freedom | 2 SE of a difference, 2 seeds each | 3 seeds each "
+          "| 5 seeds each |")
+    print("|---|---:|---:|---:|---:|---:|")
+    parts = [(c, None) for c in COLUMNS if c not in ("words seen", "reading eye / SPR")]
+    for c, i in parts + [("reading eye / SPR", 0), ("reading eye / SPR", 1)]:
+        vals = [[r[c] if i is None else r[c][i] for r in g] for g in runs]
+        if any(v is None for g in vals for v in g):
+            raise SystemExit(f"a run of {groups} has no {c}")
+        sd, df = pooled_sd(vals)
+        name = c if i is None else ("eye-tracking", "self-paced reading")[i]
+        cells = [cell(sd), str(df)] + [cell(2 * sd * (2 / n) ** 0.5) for n in (2, 3, 5)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def by_part(groups, task="blimp_filtered"):
     """A markdown table of a task's parts (BLiMP's paradigms, the supplement's tasks), one column per group of runs
     (their mean), the parts ordered by the first group's; the last column is the first group minus the second."""
@@ -96,6 +126,8 @@ def main(argv):
     if argv[:1] in (["--paradigms"], ["--supplement"]):
         task = "blimp_filtered" if argv[0] == "--paradigms" else "supplement_filtered"
         return by_part([g.split(",") for g in argv[1:]], task)
+    if argv[:1] == ["--spread"]:
+        return spread([g.split(",") for g in argv[1:]])
     means = argv[:1] == ["--mean"]
     groups = [g.split(",") for g in argv[1:]] if means else [[n] for n in argv]
     if not groups:
