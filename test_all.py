@@ -3845,7 +3845,6 @@ def test_presets_set_the_babylm_budgets_and_flags_override_them():
     assert m == BLaLMConfig(vocab_size=1)
 
 
-
 def test_the_study_pools_its_seed_spread_as_the_groups_variances_weighted_by_their_degrees_of_freedom():
     """results/study3/table.py --spread: the pooled standard deviation of groups of seeds must equal, squared, the
     groups' sample variances (statistics.variance, each about its own mean) weighted by size - 1, so that a lever
@@ -3891,8 +3890,9 @@ def test_every_queued_study_run_parses_before_a_device_call_is_spent_on_it():
             train.parse_config(common_flags + flags + [f"--out_dir=runs/study3/{name}"])
         except ValueError as e:
             pytest.fail(f"queue.txt line {name!r}: {e}")
-        for data in (f.split("=", 1)[1] for f in flags if f.startswith("--data=")):
-            assert data == ".bins/strict_small" or Path(data).name in bins, f"{name}: no bins.txt line for {data}"
+        for folder in (f.split("=", 1)[1] for f in flags if f.startswith("--data=")):
+            assert folder == ".bins/strict_small" or Path(folder).name in bins, \
+                f"{name}: no bins.txt line for {folder}"
     assert len(names) == len(set(names)), "a run name appears twice in queue.txt"
     with pytest.raises(ValueError, match="max_epoch"):   # the check would catch a typo in a line
         train.parse_config(common_flags + ["--max_epoch=8"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from common import write_atomic
-from results.study3.table import scores
+from results.study3.table import numbers
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,14 +43,9 @@ PANELS = [("BLiMP 22", "supplement", "BLiMP, 22 shared paradigms (%)", "suppleme
           ("entity tracking", "eye-tracking", "entity tracking (%; chance 20)", "eye-tracking (% of the possible R²)")]
 
 
-def points_of(run):
-    s = scores(run)
-    return {**s, "eye-tracking": s["reading eye / SPR"][0]}
-
-
 def main():
     fig = Figure(figsize=(11, 5.2))
-    runs = {run: points_of(run) for group in GROUPS for run in group[0]}
+    runs = {run: numbers(run) for group in GROUPS for run in group[0]}
     print("| run | BLiMP 22 | supplement | entity tracking | eye-tracking |\n|---|---:|---:|---:|---:|")
     for run, s in runs.items():
         print(f"| {run} | {s['BLiMP 22']:.1f} | {s['supplement']:.1f} | {s['entity tracking']:.1f} "

@@ -58,6 +58,13 @@ def scores(name):
             "reading eye / SPR": (reading["eye_tracking"], reading["self_paced_reading"]) if reading else None}
 
 
+def numbers(name):
+    """-> scores(name) with the reading pair as two numbers, "eye-tracking" and "self-paced reading"."""
+    s = scores(name)
+    eye, spr = s.pop("reading eye / SPR") or (None, None)
+    return {**s, "eye-tracking": eye, "self-paced reading": spr}
+
+
 def cell(v):
     if v is None:
         return "—"
@@ -93,17 +100,17 @@ def spread(groups):
     """A markdown table of each score's seed-to-seed standard deviation, pooled over groups of runs that differ only
     in the seed (each recipe's mean is taken out, so a lever that moves a score does not count as spread), and the
     difference two recipes' means must exceed to be twice its standard error: SD * sqrt(2 / n) * 2, n seeds each."""
-    runs = [[scores(n) for n in g] for g in groups]
+    runs = [[numbers(n) for n in g] for g in groups]
     print("| score | seed SD (pooled) | degrees of freedom | 2 SE of a difference, 2 seeds each | 3 seeds each "
           "| 5 seeds each |")
     print("|---|---:|---:|---:|---:|---:|")
-    parts = [(c, None) for c in COLUMNS if c not in ("words seen", "reading eye / SPR")]
-    for c, i in parts + [("reading eye / SPR", 0), ("reading eye / SPR", 1)]:
-        vals = [[r[c] if i is None else r[c][i] for r in g] for g in runs]
+    for name in runs[0][0]:
+        if name == "words seen":
+            continue
+        vals = [[r[name] for r in g] for g in runs]
         if any(v is None for g in vals for v in g):
-            raise SystemExit(f"a run of {groups} has no {c}")
+            raise SystemExit(f"a run of {groups} has no {name}")
         sd, df = pooled_sd(vals)
-        name = c if i is None else ("eye-tracking", "self-paced reading")[i]
         cells = [cell(sd), str(df)] + [cell(2 * sd * (2 / n) ** 0.5) for n in (2, 3, 5)]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
