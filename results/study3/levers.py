@@ -29,6 +29,7 @@ GROUPS = [
     (("ep8_do", "ep8_do_s2"), "8 epochs (80M words), 2 seeds", "d", "darkgoldenrod"),
     (("chhalf_ep8", "chhalf_ep8_s2"), "CHILDES halved, 8 epochs (61M words), 2 seeds", "8", "teal"),
     (("chhalf_ep10",), "CHILDES halved, 10 epochs (77M words)", "H", "darkslategray"),
+    (("wide576_do2",), "width 576 (52M), dropout 0.2", "x", "indigo"),
     (("adamw_ep6_do", "adamw_ep6_do_s2"), "BLaLM + AdamW, 2 seeds", "s", "tab:orange"),
     (("adamw_swa256_ep6", "adamw_swa256_ep6_s2"), "BLaLM + AdamW, window 256, 2 seeds", "<", "tab:pink"),
     (("softmax_ep6_do", "softmax_ep6_do_s2"), "softmax + AdamW, 2 seeds", "v", "tab:red"),
