@@ -92,7 +92,10 @@ def pooled_sd(groups):
     df = sum(len(g) - 1 for g in groups)
     if df < 1:
         raise SystemExit("the spread needs at least one group of two seeds or more")
-    ss = sum(sum((x - statistics.mean(g)) ** 2 for x in g) for g in groups)
+    ss = 0.0
+    for g in groups:
+        m = statistics.mean(g)   # once per group, not once per number
+        ss += sum((x - m) ** 2 for x in g)
     return (ss / df) ** 0.5, df
 
 
